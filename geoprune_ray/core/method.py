@@ -1,0 +1,194 @@
+"""The adaptive method (METHOD.md §4-6): probes → τ, sensitivity → τ_L → allocation, the r controller.
+
+The math is small pure functions with the paper's names; the controller is a dataclass whose
+state round-trips through ``to_dict``/``from_dict`` (Tune checkpoints it). ``measure`` is the one
+unit of work every stage repeats (copy, prune, recalibrate, ΔG): the in-process reference and
+the Ray actors both call it.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import GeopruneError
+from .geometry import GeometryMeter
+from .pruning import macs_params, prune_copy
+
+log = logging.getLogger("geoprune_ray")
+
+_RATIO_DIGITS = 6  # ratios are compared after rounding, so 0.1 + 0.05 − 0.025 finds 0.125 again
+
+
+# ---------------------------------------------------------------- §4 probes and τ
+
+
+def probe_ratios(count: int, r_probe_max: float, seed: int) -> list[float]:
+    """The seeded ladder r_m = r_probe_max · (m − u_m) / M, m = 1..M, u_m ~ U[0, 1)."""
+    u = torch.rand(count, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return [r_probe_max * (m - float(u[m - 1])) / count for m in range(1, count + 1)]
+
+
+def tau(noise: float, deltas: Sequence[float], beta: float = 1.0) -> float:
+    """τ = G_noise + β · σ(ΔG_1..ΔG_M), σ the population standard deviation."""
+    if len(deltas) < 2:
+        raise GeopruneError("τ needs at least two probe measurements", "run at least 2 probes")
+    return noise + beta * statistics.pstdev(deltas)
+
+
+def initial_ratio(probes: Sequence[Mapping[str, float]], budget: float, default: float = 0.05) -> float:
+    """r_0: the largest probe ratio whose ΔG ≤ τ, or ``default`` if none was."""
+    within = [p["ratio"] for p in probes if p["delta_g"] <= budget]
+    return round(max(within), _RATIO_DIGITS) if within else default
+
+
+# ---------------------------------------------------------------- §5 sensitivity and allocation
+
+
+def layer_budgets(budget: float, sensitivities: Mapping[str, float], epsilon: float) -> dict[str, float]:
+    """τ_L = τ / (ΔG_L + ε): sensitive groups get tighter budgets."""
+    if epsilon <= 0:
+        raise GeopruneError(f"ε = {epsilon} must be positive", "leave epsilon unset (it defaults to G_noise)")
+    return {name: budget / (dg + epsilon) for name, dg in sensitivities.items()}
+
+
+def allocate(r: float, budgets: Mapping[str, float], channels: Mapping[str, int], r_max: float = 0.9) -> dict[str, float]:
+    """r_L = clip(r · w_L, 0, r_max), w_L = τ_L / (Σ n_L τ_L / Σ n_L): channel-weighted mean r."""
+    total = sum(channels[name] for name in budgets)
+    mean_budget = sum(channels[name] * b for name, b in budgets.items()) / total
+    return {name: min(max(r * b / mean_budget, 0.0), r_max) for name, b in budgets.items()}
+
+
+def weighted_ratio(ratios: Mapping[str, float], channels: Mapping[str, int]) -> float:
+    """The channel-weighted mean of per-group ratios."""
+    total = sum(channels[n] for n in ratios)
+    return sum(channels[n] * r for n, r in ratios.items()) / total
+
+
+# ---------------------------------------------------------------- §6 the r controller
+
+
+@dataclass
+class Controller:
+    """The r controller: accepted step → r + δ, rejected → r − γ; ``paper`` or ``bisect`` stopping.
+
+    Drive it with ``while (r := c.propose()) is not None: c.observe(measure(r))``. A ratio
+    measured before is answered from the trajectory, not measured again.
+    """
+
+    budget: float  # τ
+    r: float  # the ratio to measure next (r_0 at the start)
+    r_max: float = 0.9
+    delta: float = 0.05
+    gamma: float = 0.025
+    mode: str = "paper"
+    t_max: int = 12
+    min_delta: float = 0.00625
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    switches: int = 0
+    done: bool = False
+    stop_reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.r = round(self.r, _RATIO_DIGITS)
+        if not 0.0 < self.r <= self.r_max:
+            raise GeopruneError(f"initial ratio {self.r} is outside (0, r_max={self.r_max}]",
+                                "start the controller inside (0, r_max]")
+
+    def propose(self) -> Optional[float]:
+        """The next ratio to measure, or None once the controller has stopped."""
+        return None if self.done else self.r
+
+    def observe(self, delta_g: float, **extra: Any) -> dict[str, Any]:
+        """Record ΔG measured at ``propose()``'s ratio, advance, and return the recorded step."""
+        if self.done:
+            raise RuntimeError("the controller has stopped; propose() returned None")
+        step = self._advance(delta_g, measured=True, **extra)
+        while not self.done and (seen := self._measured(self.r)) is not None:
+            self._advance(seen["delta_g"], measured=False)
+        return step
+
+    def _measured(self, r: float) -> Optional[dict[str, Any]]:
+        return next((s for s in self.steps if s["measured"] and s["r"] == r), None)
+
+    def _advance(self, delta_g: float, measured: bool, **extra: Any) -> dict[str, Any]:
+        accepted = delta_g <= self.budget
+        step = {"step": len(self.steps), "r": self.r, "delta_g": float(delta_g), "accepted": accepted,
+                "measured": measured, **extra}
+        if self.steps and self.steps[-1]["accepted"] != accepted:
+            self.switches += 1
+            if self.mode == "bisect":
+                self.delta, self.gamma = self.delta / 2, self.gamma / 2
+        self.steps.append(step)
+        nxt = round(self.r + self.delta if accepted else self.r - self.gamma, _RATIO_DIGITS)
+        log.info("controller step %d: r=%.4f ΔG=%.4f τ=%.4f %s", step["step"], self.r, delta_g, self.budget,
+                 "accepted" if accepted else "rejected")
+        if self.mode == "paper" and self.switches >= 2:
+            self._stop("second switch between accepted and rejected steps")
+        elif self.mode == "bisect" and self.delta < self.min_delta:
+            self._stop(f"step δ fell below {self.min_delta}")
+        elif not 0.0 < nxt <= self.r_max:
+            self._stop(f"next ratio {nxt} would leave (0, {self.r_max}]")
+        elif len(self.steps) >= self.t_max:
+            self._stop(f"reached T_max = {self.t_max} steps")
+        else:
+            self.r = nxt
+        return step
+
+    def _stop(self, reason: str) -> None:
+        self.done, self.stop_reason = True, reason
+
+    @property
+    def r_star(self) -> float:
+        """The largest measured ratio that was accepted (0 when none was)."""
+        accepted = [s["r"] for s in self.steps if s["accepted"]]
+        return max(accepted) if accepted else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Controller":
+        state = dict(data)
+        steps = [dict(s) for s in state.pop("steps", [])]
+        switches, done, reason = state.pop("switches", 0), state.pop("done", False), state.pop("stop_reason", "")
+        ctl = cls(**state)
+        ctl.steps, ctl.switches, ctl.done, ctl.stop_reason = steps, switches, done, reason
+        return ctl
+
+
+# ---------------------------------------------------------------- the unit of work
+
+
+@dataclass(frozen=True)
+class PruneTarget:
+    """What pruning needs to know about the base model besides its weights."""
+
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    importance: str = "l2"
+    round_to: Optional[int] = None
+
+
+@dataclass
+class Measurement:
+    delta_g: float
+    macs: int
+    params: int
+    seconds: float
+
+
+def measure(base: nn.Module, meter: GeometryMeter, ratios: Mapping[str, float] | float,
+            target: PruneTarget) -> Measurement:
+    """Prune a copy of ``base`` with ``ratios``, recalibrate its BN, and measure ΔG against G₀."""
+    start = time.perf_counter()
+    pruned, _ = prune_copy(base, ratios, target.input_shape, target.num_classes, target.importance, target.round_to)
+    dg = meter.delta(pruned)
+    macs, params = macs_params(pruned, target.input_shape)
+    return Measurement(dg, macs, params, time.perf_counter() - start)

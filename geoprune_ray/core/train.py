@@ -1,0 +1,171 @@
+"""Training, fine-tuning and evaluation (METHOD.md §7's protocol).
+
+In-memory datasets live on the device as uint8 and are augmented in batches there (random crop
+and flip as tensor ops, airbench's way); image folders stream through a DataLoader and get the
+same batched augmentation. SGD + Nesterov, label smoothing, one-cycle or cosine schedule; bf16
+autocast and channels_last on GPU. Model, data and device are passed in, so a Ray Train worker
+calls these functions unchanged (``rank``/``world_size`` shard the batches for DDP).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import TrainConfig, finetune_defaults
+from .data import Dataset
+from .geometry import normalize
+
+log = logging.getLogger("geoprune_ray")
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _shard(indices: Tensor, rank: int, world_size: int) -> Tensor:
+    per = len(indices) // world_size  # equal shards so DDP ranks run the same number of steps
+    return indices[rank * per:(rank + 1) * per]
+
+
+def iterate_batches(data: Dataset, batch_size: int, device: torch.device, shuffle: bool, seed: int = 0,
+                    rank: int = 0, world_size: int = 1, drop_last: bool = False,
+                    resident: Optional[tuple[Tensor, Tensor]] = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (uint8 images, labels) on ``device``; in-memory data is indexed where it lives."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(data), generator=gen) if shuffle else torch.arange(len(data))
+    order = _shard(order, rank, world_size)
+    stop = len(order) - (len(order) % batch_size if drop_last and len(order) >= batch_size else 0)
+    if data.in_memory:
+        images, labels = resident if resident is not None else (data.images.to(device), data.labels.to(device))
+        for idx in order[:stop].to(images.device).split(batch_size):
+            yield images[idx], labels[idx]
+        return
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, order[:stop].tolist()),
+                                         batch_size=batch_size, num_workers=min(4, torch.get_num_threads()),
+                                         pin_memory=device.type == "cuda")
+    for images, labels in loader:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+def augment(images: Tensor, flip: bool, gen: torch.Generator) -> Tensor:
+    """Random translation (pad-and-crop, pad = size/8) and, where label-preserving, horizontal flip."""
+    n, _, h, w = images.shape
+    pad = max(1, min(h, w) // 8)
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(images.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(images.device)
+    rows = (torch.arange(h, device=images.device)[None, :] + dy[:, None])[:, None, :, None]
+    cols = (torch.arange(w, device=images.device)[None, :] + dx[:, None])[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    chan = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    out = padded[batch, chan, rows, cols]
+    if flip:
+        mirror = (torch.rand(n, generator=gen) < 0.5).to(images.device)[:, None, None, None]
+        out = torch.where(mirror, out.flip(-1), out)
+    return out
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}],
+                           lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+
+
+def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.25)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def _prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _inputs(images: Tensor, data: Dataset, device: torch.device) -> Tensor:
+    x = normalize(images, data.mean, data.std)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def train(model: nn.Module, data: Dataset, cfg: TrainConfig, device: str | torch.device | None = None,
+          on_epoch: Optional[Callable[[int, dict], None]] = None, rank: int = 0, world_size: int = 1) -> list[dict]:
+    """Train ``model`` in place for ``cfg.epochs`` epochs; returns one metrics dict per epoch."""
+    device = pick_device(device)
+    _prepare_model(model, device)
+    if cfg.epochs == 0:
+        return []
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    per_rank = len(data) // world_size
+    drop_last = per_rank >= 2 * cfg.batch_size  # avoid a tiny last batch upsetting BN
+    steps = (per_rank // cfg.batch_size) if drop_last else math.ceil(per_rank / cfg.batch_size)
+    opt = _optimizer(model, cfg)
+    sched = _scheduler(opt, cfg, max(1, steps * cfg.epochs))
+    resident = (data.images.to(device), data.labels.to(device)) if data.in_memory else None
+    history = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        start, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros((), device=device), torch.zeros((), device=device)
+        for images, labels in iterate_batches(data, cfg.batch_size, device, True, cfg.seed + epoch, rank, world_size,
+                                              drop_last, resident):
+            if cfg.augment:
+                images = augment(images, data.flip, gen)
+            with _autocast(device):
+                logits = model(_inputs(images, data, device))
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+        metrics = {"epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1),
+                   "train_top1": 100.0 * float(correct) / max(seen, 1), "seconds": time.perf_counter() - start}
+        history.append(metrics)
+        log.info("epoch %d/%d loss %.4f train top-1 %.2f%% (%.1fs)", epoch + 1, cfg.epochs, metrics["loss"],
+                 metrics["train_top1"], metrics["seconds"])
+        if on_epoch is not None:
+            on_epoch(epoch + 1, metrics)
+    model.eval()
+    return history
+
+
+def finetune(model: nn.Module, data: Dataset, cfg: Optional[TrainConfig] = None,
+             device: str | torch.device | None = None, **kwargs) -> list[dict]:
+    """Fine-tune a pruned model (the fine-tune recipe unless ``cfg`` is given). Rebuilds the optimizer."""
+    return train(model, data, cfg or finetune_defaults(), device, **kwargs)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, device: str | torch.device | None = None,
+             batch_size: int = 1000) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy on ``data``, in eval mode."""
+    device = pick_device(device)
+    _prepare_model(model, device)
+    model.eval()
+    correct, loss_sum, seen = 0, 0.0, 0
+    for images, labels in iterate_batches(data, batch_size, device, shuffle=False):
+        with _autocast(device):
+            logits = model(_inputs(images, data, device)).float()
+        correct += int((logits.argmax(1) == labels).sum())
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        seen += len(labels)
+    return {"top1": 100.0 * correct / max(seen, 1), "loss": loss_sum / max(seen, 1)}
