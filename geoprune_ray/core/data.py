@@ -105,7 +105,7 @@ class FolderImages:
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.folder.samples[index]
-        image = torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+        image = TF.pil_to_tensor(self.folder.loader(path).convert("RGB"))
         image = TF.resize(image, [self.size, self.size], antialias=True)
         return _fit_channels(image[None], self.channels, self.name)[0], label
 

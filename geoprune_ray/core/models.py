@@ -197,12 +197,15 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         raise GeopruneError(f"{path} holds a {type(state).__name__}, not a state_dict",
                             "save the weights with torch.save(model.state_dict(), path)")
     state = {k.removeprefix("module."): v for k, v in state.items()}  # DDP-saved weights
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    hint = "check the model name, width and number of classes the weights were trained with"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise GeopruneError(f"{path} does not match the model: {first}", hint) from None
     if missing or unexpected:
-        raise GeopruneError(
-            f"{path} does not match the model: {len(missing)} missing keys (e.g. {missing[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})",
-            "check the model name, width and number of classes the weights were trained with")
+        raise GeopruneError(f"{path} does not match the model: {len(missing)} missing keys (e.g. {missing[:2]}), "
+                            f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})", hint)
     return model
 
 

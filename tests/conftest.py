@@ -1,0 +1,51 @@
+"""Shared fixtures: real data (digits always; Fashion-MNIST where installed) and small trained models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from geoprune_ray.core.config import MethodConfig, TrainConfig
+from geoprune_ray.core.data import SYSTEM_FASHION_MNIST, load_dataset
+from geoprune_ray.core.models import build_model
+from geoprune_ray.core.train import train
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Small settings for the digits tests: the real method and paths, on a 1,437-image training split.
+SMALL = dict(calib_per_class=60, bn_batches=4, bn_batch_size=256, probes=8)
+
+
+def small_method(**overrides) -> MethodConfig:
+    return MethodConfig(**{**SMALL, **overrides})
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """Digits fitted to 3 channels at their native 8×8 (the convnet's input)."""
+    return load_dataset("digits", "train").fit(3, None), load_dataset("digits", "test").fit(3, None)
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits):
+    """A small convnet trained on digits (~99% top-1): the base model of the method tests."""
+    train_set, _ = digits
+    torch.manual_seed(0)
+    model = build_model("convnet", 10, width=0.5)
+    train(model, train_set, TrainConfig(epochs=8, batch_size=64, lr=0.1), "cpu")
+    return model.eval()
+
+
+def fashion_available() -> bool:
+    return (SYSTEM_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file()
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    if not fashion_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("Fashion-MNIST is missing under CI: .ci/run must apt-get install dataset-fashion-mnist")
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    return load_dataset("fashion-mnist", "train").fit(3, None), load_dataset("fashion-mnist", "test").fit(3, None)
