@@ -67,6 +67,9 @@ class ImageSet:
     def images_at(self, indices: Tensor) -> Tensor:
         return self.images[indices]
 
+    def subset(self, indices: Tensor) -> "ImageSet":
+        return replace(self, images=self.images[indices], labels=self.labels[indices])
+
     def fit(self, channels: int, size: Optional[int]) -> "ImageSet":
         """Return the dataset with ``channels`` channels and ``size``×``size`` images (None: keep)."""
         images = _fit_channels(self.images, channels, self.name)

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from geoprune_ray.core.config import TrainConfig, finetune_defaults
+from geoprune_ray.core.data import load_dataset
+from geoprune_ray.core.models import build_model
+from geoprune_ray.core.pruning import prune_copy
+from geoprune_ray.core.train import augment, evaluate, finetune, iterate_batches, train
+from geoprune_ray.errors import GeopruneError
+
+
+def test_augment_translates_and_flips_in_batches():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.zeros(64, 1, 16, 16, dtype=torch.uint8)
+    images[:, :, 6:10, 6:10] = 255  # a centred square: every crop keeps it whole
+    out = augment(images, flip=True, gen=gen)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert (out.float().sum(dim=(1, 2, 3)) == 16 * 255).all()
+    assert len({tuple(o.nonzero()[0].tolist()) for o in out}) > 4  # different shifts per image
+    stripe = torch.zeros(256, 1, 8, 8, dtype=torch.uint8)
+    stripe[:, :, :, 0] = 255  # a left stripe moves at most 1 pixel by translation; only a flip sends it right
+    assert not (augment(stripe, flip=False, gen=gen)[:, :, :, 7] == 255).any()
+    assert (augment(stripe, flip=True, gen=gen)[:, :, :, 7] == 255).any()
+
+
+def test_shards_are_disjoint_and_equal(digits):
+    train_set, _ = digits
+    device = torch.device("cpu")
+    shards = [torch.cat([y for _, y in iterate_batches(train_set, 100, device, True, 0, rank, 2)]) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == len(train_set) // 2
+
+
+def test_training_learns_digits(digits, digits_model):
+    _, test_set = digits
+    assert evaluate(digits_model, test_set, "cpu")["top1"] > 95
+
+
+def test_finetune_a_pruned_model_recovers(digits, digits_model):
+    train_set, test_set = digits
+    pruned, _ = prune_copy(digits_model, 0.6, train_set.shape, 10)
+    before = evaluate(pruned, test_set, "cpu")["top1"]
+    history = finetune(pruned, train_set, finetune_defaults(epochs=3, batch_size=64), "cpu")
+    assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
+    assert evaluate(pruned, test_set, "cpu")["top1"] > max(before, 90)
+
+
+def test_image_folder_trains_through_a_dataloader(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls, colour in (("red", 0), ("blue", 2)):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(12):
+                pixels = rng.integers(0, 60, (10, 10, 3), dtype=np.uint8)
+                pixels[..., colour] = 220
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    train_set = load_dataset(f"imagefolder:{tmp_path}", "train").fit(3, 8)
+    test_set = load_dataset(f"imagefolder:{tmp_path}", "test").fit(3, 8)
+    model = build_model("convnet", 2, width=0.25)
+    train(model, train_set, TrainConfig(epochs=4, batch_size=8, lr=0.05), "cpu")
+    assert evaluate(model, test_set, "cpu")["top1"] == 100.0
+
+
+def test_bad_train_config():
+    with pytest.raises(GeopruneError, match="schedule"):
+        TrainConfig(schedule="step")
+    with pytest.raises(GeopruneError, match="unknown TrainConfig keys: lrr"):
+        TrainConfig.from_dict({"lrr": 0.1})
