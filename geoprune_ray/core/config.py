@@ -14,8 +14,23 @@ def _check(cond: bool, message: str, hint: str) -> None:
         raise GeopruneError(message, hint)
 
 
+class _Serializable:
+    """to_dict/from_dict for the config dataclasses; unknown keys are a user error."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        _check(not unknown, f"unknown {cls.__name__} keys: {', '.join(unknown)}",
+               f"valid keys are: {', '.join(sorted(names))}")
+        return cls(**data)
+
+
 @dataclass
-class MethodConfig:
+class MethodConfig(_Serializable):
     """The method's settings; the defaults are METHOD.md's. Users normally change none of them."""
 
     # §1 calibration set (training split only)
@@ -61,16 +76,10 @@ class MethodConfig:
         _check(self.round_to is None or self.round_to >= 1, f"round_to={self.round_to} is invalid",
                "use a positive channel multiple, or leave it unset")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
-        return cls(**_known_fields(cls, data))
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Serializable):
     """One training or fine-tuning recipe: SGD + Nesterov, label smoothing, a one-cycle or cosine schedule."""
 
     epochs: int = 10
@@ -90,25 +99,10 @@ class TrainConfig:
         _check(self.schedule in ("onecycle", "cosine"), f"unknown schedule {self.schedule!r}",
                "use 'onecycle' or 'cosine'")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        return cls(**_known_fields(cls, data))
-
 
 def finetune_defaults(epochs: int = 5, **overrides: Any) -> TrainConfig:
     """The fine-tune recipe: the training recipe with a tenth of the peak learning rate and cosine decay."""
     return TrainConfig(**{"epochs": epochs, "lr": 0.02, "schedule": "cosine", **overrides})
-
-
-def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    _check(not unknown, f"unknown {cls.__name__} keys: {', '.join(unknown)}",
-           f"valid keys are: {', '.join(sorted(names))}")
-    return dict(data)
 
 
 __all__ = ["MethodConfig", "TrainConfig", "finetune_defaults"]

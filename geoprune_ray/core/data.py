@@ -39,8 +39,22 @@ _STATS = {
 SPLITS = ("train", "test")
 
 
+class _Labelled:
+    """What every dataset answers: its size and its classes (``labels``, ``classes`` fields)."""
+
+    labels: Tensor
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
 @dataclass(frozen=True)
-class ImageSet:
+class ImageSet(_Labelled):
     """A labelled image dataset held in memory: uint8 images (N, C, H, W) and int64 labels."""
 
     name: str
@@ -52,13 +66,6 @@ class ImageSet:
     flip: bool  # whether a horizontal flip keeps the label (false for digits)
 
     in_memory = True
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -80,7 +87,7 @@ class ImageSet:
 
 
 @dataclass(frozen=True)
-class FolderImages:
+class FolderImages(_Labelled):
     """An image folder read lazily (``torchvision.datasets.ImageFolder``), resized to ``size``."""
 
     name: str
@@ -94,13 +101,6 @@ class FolderImages:
     size: int = 224
 
     in_memory = False
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     @property
     def shape(self) -> tuple[int, int, int]:
