@@ -16,7 +16,7 @@ from geoprune_ray.core.train import evaluate, train
 
 @pytest.fixture(scope="module")
 def fashion_model(fashion):
-    """A narrow convnet trained for one epoch on 20,000 Fashion-MNIST images (~85% top-1)."""
+    """A narrow convnet trained for one epoch on 20,000 Fashion-MNIST images (~76% top-1)."""
     train_set, _ = fashion
     torch.manual_seed(0)
     model = build_model("convnet", 10, width=0.25)
