@@ -12,7 +12,7 @@ import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -161,6 +161,40 @@ class Controller:
         ctl = cls(**state)
         ctl.steps, ctl.switches, ctl.done, ctl.stop_reason = steps, switches, done, reason
         return ctl
+
+
+# ---------------------------------------------------------------- §7 comparison arms
+
+
+GC_BUDGET = 0.07  # the paper's fixed budget for the GC arm
+GC_GRID = tuple(round(0.05 * k, 2) for k in range(1, 19))  # 0.05, 0.10, …, 0.90
+
+
+def gc_ratio(deltas: Mapping[float, float], budget: float = GC_BUDGET) -> float:
+    """GC arm: the largest grid ratio whose uniform ΔG ≤ the fixed budget (0 when none is)."""
+    within = [r for r, dg in deltas.items() if dg <= budget]
+    return max(within) if within else 0.0
+
+
+def ratio_for_macs(target_macs: float, macs_at: Callable[[float], float], r_max: float = 0.9,
+                   tolerance: float = 0.01, max_steps: int = 30) -> float:
+    """Uniform arm: bisect the uniform ratio whose MACs are within ``tolerance`` of ``target_macs``.
+
+    ``macs_at(r)`` is decreasing in r; returns the closest ratio found if the tolerance is not met
+    (channel counts are integers, so MACs move in steps).
+    """
+    lo, hi = 0.0, r_max
+    best, best_err = 0.0, abs(macs_at(0.0) - target_macs) / target_macs
+    for _ in range(max_steps):
+        mid = (lo + hi) / 2
+        macs = macs_at(mid)
+        err = abs(macs - target_macs) / target_macs
+        if err < best_err:
+            best, best_err = mid, err
+        if err <= tolerance:
+            break
+        lo, hi = (mid, hi) if macs > target_macs else (lo, mid)
+    return best
 
 
 # ---------------------------------------------------------------- the unit of work

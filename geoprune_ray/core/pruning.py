@@ -221,8 +221,14 @@ def load_pruned(path: str | Path, map_location: str | torch.device = "cpu",
     card = ModelCard.from_dict(payload["card"])
     if base_model is None and not card.arch:
         raise GeopruneError(f"{file} records no architecture name", "pass base_model= (an unpruned instance)")
-    model = (base_model if base_model is not None else card.build()).cpu().eval()
-    graph = _dependency_graph(model, card.input_shape)
-    graph.load_pruning_history(payload["pruning_history"])
+    model = replay_pruning((base_model if base_model is not None else card.build()).cpu().eval(),
+                           payload["pruning_history"], card.input_shape)
     model.load_state_dict(payload["state_dict"])
     return model.to(map_location), card
+
+
+def replay_pruning(model: nn.Module, history: list, input_shape: Sequence[int]) -> nn.Module:
+    """Apply a recorded pruning history to an unpruned ``model`` in place (its weights are then stale)."""
+    if history:
+        _dependency_graph(model, input_shape).load_pruning_history(_plain_history(history))
+    return model

@@ -1,0 +1,128 @@
+"""A pool of probe actors: each keeps the base model, the calibration set and G₀ resident.
+
+A probe (or a controller step, or a sensitivity trial) is one ``measure`` call on an actor:
+copy, prune, recalibrate, ΔG: milliseconds of work with no model reload. Actors restart after a
+crash and their in-flight calls are retried (``max_restarts``, ``max_task_retries``); every
+record names the actor process that produced it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import ray
+import torch
+from torch import nn
+
+from ..core.geometry import Calibration, GeometryMeter
+from ..core.method import PruneTarget, measure
+from ..core.pruning import macs_params, prune_copy, replay_pruning
+
+log = logging.getLogger("geoprune_ray")
+MAX_RESTARTS = 3
+
+
+@ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+class ProbeActor:
+    """Holds the base model, calibration set and reference geometry on its device."""
+
+    def __init__(self, base: nn.Module, calibration: Calibration, target: PruneTarget, bn_recalibration: bool,
+                 threads: int = 1):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+        self.target = target
+        self.meter = GeometryMeter(calibration.to(self.device), bn_recalibration)
+        self.base = copy.deepcopy(base).to(self.device)
+        self.meter.set_reference(self.base)
+        ctx = ray.get_runtime_context()
+        self.identity = {"pid": os.getpid(), "node": ctx.get_node_id()[:12], "device": str(self.device),
+                         "actor": ctx.get_actor_name() or ctx.get_actor_id()[:12],
+                         "restarted": bool(ctx.was_current_actor_reconstructed)}
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.identity)
+
+    def measure(self, ratios: Mapping[str, float] | float) -> dict[str, Any]:
+        """ΔG, MACs and params of the base pruned with ``ratios``, and who measured it."""
+        res = measure(self.base, self.meter, ratios, self.target)
+        return {"delta_g": res.delta_g, "macs": res.macs, "params": res.params, "seconds": res.seconds,
+                **self.identity}
+
+    def size(self, ratios: Mapping[str, float] | float) -> dict[str, int]:
+        """MACs and params of the base pruned with ``ratios`` (no ΔG)."""
+        pruned, _ = prune_copy(self.base, ratios, self.target.input_shape, self.target.num_classes,
+                               self.target.importance, self.target.round_to)
+        macs, params = macs_params(pruned, self.target.input_shape)
+        return {"macs": macs, "params": params}
+
+    def prune(self, ratios: Mapping[str, float] | float) -> dict[str, Any]:
+        """The pruned model as plain data (state_dict on CPU + pruning history), recalibrated, with its ΔG."""
+        pruned, history = prune_copy(self.base, ratios, self.target.input_shape, self.target.num_classes,
+                                     self.target.importance, self.target.round_to)
+        dg = self.meter.delta(pruned)
+        macs, params = macs_params(pruned, self.target.input_shape)
+        return {"state_dict": {k: v.cpu() for k, v in pruned.state_dict().items()}, "history": history,
+                "delta_g": dg, "macs": macs, "params": params}
+
+    def delta_of(self, history: list, state_dict: Mapping[str, torch.Tensor]) -> float:
+        """ΔG of a pruned model given as history + weights (e.g. after fine-tuning), against G₀."""
+        model = replay_pruning(copy.deepcopy(self.base), history, self.target.input_shape)
+        model.load_state_dict(state_dict)
+        return self.meter.delta(model.to(self.device))
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """How many probe actors and what each holds of the cluster."""
+
+    actors: int = 2
+    cpus_per_actor: float = 0.25
+    gpus_per_actor: float = 0.0  # a fraction of a GPU each (e.g. 0.25: four actors per GPU)
+
+
+class ProbePool:
+    """Named probe actors started once per run; calls fan out round-robin and come back in order."""
+
+    def __init__(self, base: nn.Module, calibration: Calibration, target: PruneTarget, bn_recalibration: bool,
+                 spec: PoolSpec, run_id: str):
+        base_ref = ray.put(copy.deepcopy(base).cpu())  # one copy in the object store, read by every actor
+        cal_ref = ray.put(calibration.to("cpu"))
+        self.names = [actor_name(run_id, i) for i in range(spec.actors)]
+        options = {"num_cpus": spec.cpus_per_actor, "num_gpus": spec.gpus_per_actor, "lifetime": None}
+        self.actors = []
+        for name in self.names:
+            try:  # a resumed driver finds its actors gone with the old cluster, or still alive in a shared one
+                ray.kill(ray.get_actor(name))
+            except ValueError:
+                pass
+            self.actors.append(ProbeActor.options(name=name, **options).remote(base_ref, cal_ref, target,
+                                                                               bn_recalibration))
+        self._refs = (base_ref, cal_ref)  # keep the object-store copies alive for actor restarts
+        self.identities = ray.get([a.info.remote() for a in self.actors])
+        log.info("%d probe actors ready: %s", len(self.actors),
+                 ", ".join(f"pid {i['pid']} on {i['device']}" for i in self.identities))
+
+    def submit(self, method: str, args: Sequence[tuple]) -> list[ray.ObjectRef]:
+        return [getattr(self.actors[i % len(self.actors)], method).remote(*a) for i, a in enumerate(args)]
+
+    def map(self, method: str, args: Sequence[tuple]) -> list[Any]:
+        return ray.get(self.submit(method, args))
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+def actor_name(run_id: str, index: int) -> str:
+    return f"geoprune-{run_id}-probe-{index}"
+
+
+def get_actor(run_id: str, index: int) -> Optional[ray.actor.ActorHandle]:
+    try:
+        return ray.get_actor(actor_name(run_id, index))
+    except ValueError:
+        return None

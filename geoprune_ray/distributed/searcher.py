@@ -1,0 +1,141 @@
+"""The r controller (METHOD.md §6) as a Ray Tune ``Searcher``.
+
+``suggest`` hands out one controller step at a time (``None`` while a step's ΔG is pending);
+``on_trial_result`` consumes a trial's first reported ΔG, so the next step starts without
+waiting for anything else that trial does. Once the controller has stopped, the searcher hands
+out the fine-tune trials (r* and the comparison arms; optionally every accepted candidate), then
+``Searcher.FINISHED``. Its state is plain data, so ``save``/``restore`` let ``Tuner.restore``
+continue the sequence where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+from typing import Any, Mapping, Optional, Sequence
+
+from ray.tune.search import Searcher
+
+from ..core.method import Controller, allocate
+
+log = logging.getLogger("geoprune_ray")
+ARMS = ("adaptive", "baseline", "gc", "uniform")
+
+
+class RatioSearcher(Searcher):
+    """Drives the r controller through Tune trials, then the fine-tune trials."""
+
+    def __init__(self, controller: Optional[Controller] = None, budgets: Optional[Mapping[str, float]] = None,
+                 channels: Optional[Mapping[str, int]] = None, r_max: float = 0.9,
+                 arms: Sequence[str] = ARMS, finetune_all: bool = False, max_failures: int = 2,
+                 metric: str = "delta_g", mode: str = "min"):
+        super().__init__(metric=metric, mode=mode)
+        self.controller = controller.to_dict() if controller else None
+        self.budgets = dict(budgets or {})
+        self.channels = dict(channels or {})
+        self.r_max = r_max
+        self.arms = list(arms)
+        self.finetune_all = finetune_all
+        self.max_failures = max_failures
+        self.trials: dict[str, dict[str, Any]] = {}  # trial id → the config it was given
+        self.observed: set[str] = set()
+        self.failures: dict[float, int] = {}
+        self.finals_issued = False
+        self.final_queue: list[dict[str, Any]] = []
+
+    # -- helpers
+    def _ctl(self) -> Controller:
+        return Controller.from_dict(self.controller)
+
+    def _waiting(self) -> bool:
+        return any(cfg["kind"] == "step" and tid not in self.observed for tid, cfg in self.trials.items())
+
+    def _step_config(self, r: float, step: int) -> dict[str, Any]:
+        return {"kind": "step", "arm": "step", "r": r, "step": step,
+                "ratios": allocate(r, self.budgets, self.channels, self.r_max)}
+
+    def _finals(self, ctl: Controller) -> list[dict[str, Any]]:
+        r_star = ctl.r_star
+        adaptive_macs = next((s.get("macs") for s in ctl.steps if s["r"] == r_star and s["measured"]), None)
+        ratios = allocate(r_star, self.budgets, self.channels, self.r_max) if r_star > 0 else {}
+        finals = []
+        for arm in self.arms:
+            cfg = {"kind": "finetune", "arm": arm, "r": r_star if arm == "adaptive" else None, "step": None,
+                   "ratios": ratios if arm == "adaptive" else {}}
+            if arm == "uniform":
+                cfg["target_macs"] = adaptive_macs
+            finals.append(cfg)
+        if self.finetune_all:  # every other accepted candidate: accuracy vs MACs along the trajectory
+            for s in ctl.steps:
+                if s["accepted"] and s["measured"] and s["r"] != r_star:
+                    finals.append({"kind": "finetune", "arm": "candidate", "r": s["r"], "step": s["step"],
+                                   "ratios": allocate(s["r"], self.budgets, self.channels, self.r_max)})
+        return finals
+
+    # -- the Searcher contract
+    def suggest(self, trial_id: str) -> Optional[dict[str, Any] | str]:
+        ctl = self._ctl()
+        if not ctl.done:
+            if self._waiting():
+                return None
+            cfg = self._step_config(ctl.propose(), len(ctl.steps))
+        else:
+            if not self.finals_issued:
+                self.final_queue, self.finals_issued = self._finals(ctl), True
+            if not self.final_queue:
+                return Searcher.FINISHED
+            cfg = self.final_queue.pop(0)
+        self.trials[trial_id] = cfg
+        return cfg
+
+    def _observe(self, trial_id: str, delta_g: float, **extra: Any) -> None:
+        ctl = self._ctl()
+        cfg = self.trials[trial_id]
+        if ctl.done or ctl.propose() != cfg["r"]:
+            return  # a stale trial (e.g. re-run after a restore): its step is already recorded
+        ctl.observe(delta_g, trial_id=trial_id, **extra)
+        self.controller = ctl.to_dict()
+        self.observed.add(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        cfg = self.trials.get(trial_id)
+        if cfg and cfg["kind"] == "step" and trial_id not in self.observed and "delta_g" in result:
+            self._observe(trial_id, result["delta_g"], macs=result.get("macs"), params=result.get("params"),
+                          pid=result.get("pid"))
+
+    def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
+        cfg = self.trials.get(trial_id)
+        if not cfg or cfg["kind"] != "step" or trial_id in self.observed:
+            return
+        if result and "delta_g" in result and not error:
+            self.on_trial_result(trial_id, result)
+            return
+        # The step failed before reporting: forget it so suggest() re-proposes the same r, and
+        # after max_failures count the ratio as rejected so the run cannot loop forever.
+        r = cfg["r"]
+        self.failures[r] = self.failures.get(r, 0) + 1
+        del self.trials[trial_id]
+        log.warning("controller trial %s at r=%.4f failed (%d/%d)", trial_id, r, self.failures[r], self.max_failures)
+        if self.failures[r] >= self.max_failures:
+            self.trials[trial_id] = cfg
+            self._observe(trial_id, math.inf, failed=True)
+
+    # -- checkpointing for Tuner.restore
+    def get_state(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.set_state(pickle.load(f))
+
+    @property
+    def result(self) -> Controller:
+        return self._ctl()

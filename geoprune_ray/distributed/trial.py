@@ -1,0 +1,149 @@
+"""Tune trials: controller steps answered by the probe actors, fine-tunes through Ray Train.
+
+A controller step asks one resident probe actor to prune with the allocation, recalibrate and
+measure ΔG, and reports at once: no model reload and no Ray Train launch. A fine-tune trial
+(r* and the comparison arms) gets its pruned model from an actor, fine-tunes it in a
+``TorchTrainer`` launched inside the trial (DDP across workers, checkpoints through
+``ray.train.Checkpoint``), then reports top-1, MACs, params and ΔG after fine-tuning.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+import torch
+from ray import tune
+
+from ..core.config import TrainConfig
+from ..core.method import GC_GRID, gc_ratio, ratio_for_macs
+from ..core.pruning import ModelCard, replay_pruning
+from ..core.train import evaluate, finetune
+from .probes import actor_name
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs besides its config; passed once with ``tune.with_parameters``."""
+
+    run_id: str
+    actors: int
+    tau: float
+    r_max: float
+    card: dict
+    finetune: dict  # TrainConfig as a dict
+    data_ref: Any  # ObjectRef of (train set, test set), fitted to the model
+    train_storage: str
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    finetune_all: bool = False
+
+
+def _actor(ctx: TrialContext, key: int) -> ray.actor.ActorHandle:
+    return ray.get_actor(actor_name(ctx.run_id, key % ctx.actors))
+
+
+def pruning_trial(config: dict, ctx: TrialContext) -> None:
+    """The Tune function trainable for every trial the ``RatioSearcher`` suggests."""
+    started = time.time()
+    if config["kind"] == "step":
+        actor = _actor(ctx, config["step"])
+        rec = ray.get(actor.measure.remote(config["ratios"]))
+        accepted = rec["delta_g"] <= ctx.tau
+        tune.report({"kind": "step", "arm": "step", "step": config["step"], "r": config["r"],
+                     "delta_g": rec["delta_g"], "accepted": accepted, "macs": rec["macs"], "params": rec["params"],
+                     "pid": rec["pid"], "actor": rec["actor"], "ray_train": False, "started": started})
+        if ctx.finetune_all and accepted:
+            _finetune(config, ctx, started, ratios=config["ratios"], r=config["r"])
+        return
+    ratios, r = _arm_ratios(config, ctx)
+    _finetune(config, ctx, started, ratios=ratios, r=r)
+
+
+def _arm_ratios(config: dict, ctx: TrialContext) -> tuple[Any, float]:
+    """The pruning of each arm; GC and uniform are decided here from training data only."""
+    arm = config["arm"]
+    if arm in ("adaptive", "candidate"):
+        return config["ratios"], config["r"]
+    if arm == "baseline":
+        return 0.0, 0.0
+    actors = [_actor(ctx, i) for i in range(ctx.actors)]
+    if arm == "gc":
+        grid = [float(g) for g in GC_GRID if g <= ctx.r_max]
+        recs = ray.get([actors[i % len(actors)].measure.remote(r) for i, r in enumerate(grid)])
+        r = gc_ratio({g: rec["delta_g"] for g, rec in zip(grid, recs)})
+        return r, r
+    if arm == "uniform":
+        target = config.get("target_macs")
+        if not target:
+            return 0.0, 0.0
+        r = ratio_for_macs(target, lambda q: ray.get(actors[0].size.remote(q))["macs"], ctx.r_max)
+        return r, r
+    raise ValueError(f"unknown arm {arm!r}")
+
+
+def _finetune(config: dict, ctx: TrialContext, started: float, ratios: Any, r: float) -> None:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    actor = _actor(ctx, zlib.crc32(config["arm"].encode()))
+    pruned = ray.get(actor.prune.remote(ratios))
+    base = {"kind": "finetune", "arm": config["arm"], "step": config.get("step"), "r": r,
+            "macs": pruned["macs"], "params": pruned["params"], "delta_g_before": pruned["delta_g"],
+            "started": started}
+    if config["kind"] == "finetune":
+        tune.report({**base, "delta_g": pruned["delta_g"], "ray_train": False, "phase": "pruned"})
+    trainer = TorchTrainer(
+        finetune_worker,
+        train_loop_config={"card": ctx.card, "history": pruned["history"],
+                           "state_ref": ray.put(pruned["state_dict"]), "data_ref": ctx.data_ref,
+                           "finetune": ctx.finetune},
+        scaling_config=ScalingConfig(num_workers=ctx.workers, use_gpu=ctx.use_gpu,
+                                     resources_per_worker={"CPU": ctx.cpus_per_worker}),
+        run_config=RunConfig(name=f"finetune-{config['arm']}-{r:.4f}-{os.getpid()}", storage_path=ctx.train_storage),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=True)
+    dg_after = ray.get(actor.delta_of.remote(pruned["history"], state))
+    tune.report({**base, "delta_g": pruned["delta_g"], "ray_train": True, "phase": "finetuned",
+                 "top1": result.metrics["top1"], "top1_before_finetune": result.metrics["top1_before_finetune"],
+                 "delta_g_after": dg_after, "checkpoint_path": result.checkpoint.path,
+                 "history_len": len(pruned["history"]), "finished": time.time()})
+
+
+def finetune_worker(config: dict) -> None:
+    """Ray Train worker loop: rebuild the pruned model, fine-tune (DDP when several workers), report."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    card = ModelCard.from_dict(config["card"])
+    model = replay_pruning(card.build(), config["history"], card.input_shape)
+    model.load_state_dict(ray.get(config["state_ref"]))
+    train_set, test_set = ray.get(config["data_ref"])
+    model.to(device)
+    top1_before = evaluate(model, test_set, device)["top1"]
+    net = ray.train.torch.prepare_model(model) if world > 1 else model
+
+    def report(metrics: dict) -> None:
+        checkpoint: Optional[ray.train.Checkpoint] = None
+        with tempfile.TemporaryDirectory() as folder:
+            if rank == 0:
+                torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(folder) / "model.pt")
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report({**metrics, "top1_before_finetune": top1_before}, checkpoint=checkpoint)
+
+    cfg = TrainConfig.from_dict(config["finetune"])
+    finetune(net, train_set, cfg, device, on_epoch=lambda epoch, m: report({**m, "top1": float("nan")}),
+             rank=rank, world_size=world)
+    report({"epoch": cfg.epochs, "top1": evaluate(model, test_set, device)["top1"]})
