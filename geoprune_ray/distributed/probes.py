@@ -46,6 +46,10 @@ class ProbeActor:
     def info(self) -> dict[str, Any]:
         return dict(self.identity)
 
+    def noise(self, splits: int, seed: int) -> float:
+        """G_noise of the base model on the resident calibration set."""
+        return self.meter.noise(splits, seed)
+
     def measure(self, ratios: Mapping[str, float] | float) -> dict[str, Any]:
         """ΔG, MACs and params of the base pruned with ``ratios``, and who measured it."""
         res = measure(self.base, self.meter, ratios, self.target)

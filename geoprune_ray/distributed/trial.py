@@ -10,22 +10,19 @@ measure ΔG, and reports at once: no model reload and no Ray Train launch. A fin
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import ray
-import torch
 from ray import tune
 
 from ..core.config import TrainConfig
 from ..core.method import GC_GRID, gc_ratio, ratio_for_macs
-from ..core.pruning import ModelCard, replay_pruning
-from ..core.train import evaluate, finetune
+from ..core.pruning import ModelCard
 from .probes import actor_name
+from .training import Scaling, fit
 
 
 @dataclass(frozen=True)
@@ -40,9 +37,7 @@ class TrialContext:
     finetune: dict  # TrainConfig as a dict
     data_ref: Any  # ObjectRef of (train set, test set), fitted to the model
     train_storage: str
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    scaling: Scaling = Scaling()
     finetune_all: bool = False
 
 
@@ -90,9 +85,6 @@ def _arm_ratios(config: dict, ctx: TrialContext) -> tuple[Any, float]:
 
 
 def _finetune(config: dict, ctx: TrialContext, started: float, ratios: Any, r: float) -> None:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     actor = _actor(ctx, zlib.crc32(config["arm"].encode()))
     pruned = ray.get(actor.prune.remote(ratios))
     base = {"kind": "finetune", "arm": config["arm"], "step": config.get("step"), "r": r,
@@ -100,50 +92,10 @@ def _finetune(config: dict, ctx: TrialContext, started: float, ratios: Any, r: f
             "started": started}
     if config["kind"] == "finetune":
         tune.report({**base, "delta_g": pruned["delta_g"], "ray_train": False, "phase": "pruned"})
-    trainer = TorchTrainer(
-        finetune_worker,
-        train_loop_config={"card": ctx.card, "history": pruned["history"],
-                           "state_ref": ray.put(pruned["state_dict"]), "data_ref": ctx.data_ref,
-                           "finetune": ctx.finetune},
-        scaling_config=ScalingConfig(num_workers=ctx.workers, use_gpu=ctx.use_gpu,
-                                     resources_per_worker={"CPU": ctx.cpus_per_worker}),
-        run_config=RunConfig(name=f"finetune-{config['arm']}-{r:.4f}-{os.getpid()}", storage_path=ctx.train_storage),
-    )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=True)
+    state, metrics = fit(ModelCard.from_dict(ctx.card), pruned["history"], pruned["state_dict"], ctx.data_ref,
+                         TrainConfig.from_dict(ctx.finetune), ctx.scaling, ctx.train_storage,
+                         name=f"finetune-{config['arm']}-{r:.4f}-{os.getpid()}")
     dg_after = ray.get(actor.delta_of.remote(pruned["history"], state))
     tune.report({**base, "delta_g": pruned["delta_g"], "ray_train": True, "phase": "finetuned",
-                 "top1": result.metrics["top1"], "top1_before_finetune": result.metrics["top1_before_finetune"],
-                 "delta_g_after": dg_after, "checkpoint_path": result.checkpoint.path,
-                 "history_len": len(pruned["history"]), "finished": time.time()})
-
-
-def finetune_worker(config: dict) -> None:
-    """Ray Train worker loop: rebuild the pruned model, fine-tune (DDP when several workers), report."""
-    import ray.train
-    import ray.train.torch
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    card = ModelCard.from_dict(config["card"])
-    model = replay_pruning(card.build(), config["history"], card.input_shape)
-    model.load_state_dict(ray.get(config["state_ref"]))
-    train_set, test_set = ray.get(config["data_ref"])
-    model.to(device)
-    top1_before = evaluate(model, test_set, device)["top1"]
-    net = ray.train.torch.prepare_model(model) if world > 1 else model
-
-    def report(metrics: dict) -> None:
-        checkpoint: Optional[ray.train.Checkpoint] = None
-        with tempfile.TemporaryDirectory() as folder:
-            if rank == 0:
-                torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(folder) / "model.pt")
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report({**metrics, "top1_before_finetune": top1_before}, checkpoint=checkpoint)
-
-    cfg = TrainConfig.from_dict(config["finetune"])
-    finetune(net, train_set, cfg, device, on_epoch=lambda epoch, m: report({**m, "top1": float("nan")}),
-             rank=rank, world_size=world)
-    report({"epoch": cfg.epochs, "top1": evaluate(model, test_set, device)["top1"]})
+                 "top1": metrics["top1"], "top1_before_finetune": metrics["top1_before"], "delta_g_after": dg_after,
+                 "checkpoint_path": metrics["checkpoint_path"], "finished": time.time()})

@@ -1,0 +1,106 @@
+"""A run directory on any pyarrow filesystem (a local path or a URI such as ``s3://bucket/run``).
+
+Every write goes to a temporary name and is then moved into place, so a reader (or a resumed
+driver) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ..errors import GeopruneError
+
+
+class RunDir:
+    def __init__(self, location: str):
+        self.remote = "://" in location
+        try:
+            if self.remote:
+                self.fs, self.root = pafs.FileSystem.from_uri(location)
+            else:
+                self.fs, self.root = pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise GeopruneError(f"cannot use storage {location}: {exc}", "pass a local path or a pyarrow URI") from None
+        self.location = location.rstrip("/") if self.remote else self.root
+        if not self.remote:
+            for parent in [Path(self.root), *Path(self.root).parents]:
+                if parent.exists() and not parent.is_dir():
+                    raise GeopruneError(f"storage {location}: {parent} is a file, not a folder",
+                                        "pass a folder path for --storage")
+        self.fs.create_dir(self.root, recursive=True)
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def uri(self, name: str) -> str:
+        """What Ray Tune/Train take as ``storage_path`` for a subfolder."""
+        return f"{self.location}/{name}"
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self.path(name)).type != pafs.FileType.NotFound
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        tmp = self.path(f".{uuid.uuid4().hex[:8]}.{name.replace('/', '_')}.tmp")
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, self.path(name))
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path(name)) as f:
+            return f.read()
+
+    def write_json(self, name: str, data: Any) -> None:
+        self.write_bytes(name, (json.dumps(data, indent=2, default=_plain) + "\n").encode())
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name))
+
+    def write_table(self, name: str, rows: list[dict[str, Any]], schema: Optional[pa.Schema] = None) -> None:
+        table = pa.Table.from_pylist(rows, schema=schema)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.write_bytes(name, buffer.getvalue())
+
+    def read_table(self, name: str) -> list[dict[str, Any]]:
+        return pq.read_table(io.BytesIO(self.read_bytes(name))).to_pylist()
+
+    def put_folder(self, local: Path, name: str) -> None:
+        """Copy a local folder in as ``name``, replacing what was there, in one final move."""
+        staging = self.path(f".{uuid.uuid4().hex[:8]}.{name}.tmp")
+        self.fs.create_dir(staging, recursive=True)
+        pafs.copy_files(str(local), staging, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        if self.exists(name):
+            self.fs.delete_dir(self.path(name))
+        self.fs.move(staging, self.path(name))
+
+    def staging(self) -> "_Staging":
+        return _Staging()
+
+
+class _Staging:
+    """A local temporary folder for artifacts that are written as folders (``model/``)."""
+
+    def __enter__(self) -> Path:
+        self.folder = Path(tempfile.mkdtemp(prefix="geoprune-"))
+        return self.folder
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
