@@ -15,3 +15,7 @@ class GeopruneError(Exception):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class Interrupted(GeopruneError):
+    """A run stopped before it finished (e.g. Ctrl-C): its run directory can be resumed."""

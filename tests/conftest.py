@@ -49,3 +49,22 @@ def fashion():
             pytest.fail("Fashion-MNIST is missing under CI: .ci/run must apt-get install dataset-fashion-mnist")
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     return load_dataset("fashion-mnist", "train").fit(3, None), load_dataset("fashion-mnist", "test").fit(3, None)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster for every Ray test of the session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_weights(digits_model, tmp_path_factory):
+    """The trained digits convnet as a state_dict file (a job's model.weights)."""
+    path = tmp_path_factory.mktemp("weights") / "convnet_digits.pt"
+    torch.save(digits_model.state_dict(), path)
+    return path

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..errors import GeopruneError
+from ..errors import GeopruneError, Interrupted
 
 EXIT_USAGE = 2
 
@@ -155,6 +155,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                             format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
         return args.func(args)
+    except Interrupted as exc:
+        print(f"geoprune: interrupted: {exc}", file=sys.stderr)
+        return 130
     except GeopruneError as exc:
         if debug:
             raise

@@ -30,7 +30,7 @@ from ..core.method import (Controller, PruneTarget, allocate, initial_ratio, lay
 from ..core.pruning import dependency_groups, macs_params, replay_pruning, save_pruned
 from ..core.reference import SCHEMA_VERSION, provenance, resolve
 from ..core.train import evaluate
-from ..errors import GeopruneError
+from ..errors import GeopruneError, Interrupted
 from .job import JobSpec
 from .probes import PoolSpec, ProbePool
 from .rundir import RunDir
@@ -168,6 +168,11 @@ class Pipeline:
                            spec.protocol.finetune_all)
         trials = self._tune(ctx, RatioSearcher(ctl, budgets, channels, cfg.r_max, spec.protocol.arms,
                                                spec.protocol.finetune_all))
+        arms = {t["arm"]: t for t in trials if t["kind"] == "finetune" and t.get("ray_train")}
+        missing = [arm for arm in spec.protocol.arms if arm not in arms]
+        if missing:
+            raise Interrupted(f"the Tune experiment stopped before the {', '.join(missing)} fine-tune(s) finished",
+                              f"run the same command again to resume from {self.run.location}")
         self.run.write_table("trials.parquet", trials)
         steps = [t for t in trials if t["kind"] == "step"]
         ctl = replay_controller(ctl, steps)
@@ -177,7 +182,6 @@ class Pipeline:
         log.info("r* = %.4f after %d controller steps (%s)", r_star, len(ctl.steps), ctl.stop_reason)
 
         # 5. artifacts
-        arms = {t["arm"]: t for t in trials if t["kind"] == "finetune" and t.get("ray_train")}
         adaptive = arms["adaptive"]
         final = _load_checkpoint(adaptive["checkpoint_path"])
         pruned = replay_pruning(card.build(), final["history"], card.input_shape)

@@ -1,0 +1,122 @@
+"""The pipeline on a real local Ray cluster: artifacts, the controller in Tune, arms, resume."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+import yaml
+
+from geoprune_ray.core.pruning import load_pruned
+from geoprune_ray.distributed.job import JobSpec
+from geoprune_ray.distributed.pipeline import run_job
+
+METHOD = {"calib_per_class": 60, "bn_batches": 4, "probes": 8}
+
+
+def _job(weights, arms, name):
+    return {"name": name, "model": {"name": "convnet", "width": 0.5, "weights": str(weights)},
+            "data": {"name": "digits"},
+            "protocol": {"finetune_epochs": 2, "batch_size": 64, "lr": 0.1, "arms": list(arms)},
+            "resources": {"probe_actors": 2, "cpus_per_worker": 0.5}, "method": METHOD}
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_cluster, digits_weights, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("run") / "digits"
+    spec = JobSpec.from_dict(_job(digits_weights, ["adaptive", "baseline", "gc", "uniform"], "digits-full"))
+    summary = run_job(spec, str(storage))
+    return storage, summary
+
+
+def test_artifacts_of_a_full_run(full_run):
+    storage, summary = full_run
+    probes = pq.read_table(storage / "probes.parquet").to_pandas()
+    assert len(probes) == METHOD["probes"]
+    assert {"ratio", "seed", "delta_g", "macs", "params", "seconds", "pid", "node", "device"} <= set(probes.columns)
+    assert probes["pid"].nunique() >= 2
+    assert summary["tau"] == pytest.approx(summary["g_noise"] + np.std(probes["delta_g"], ddof=0), rel=1e-9)
+
+    sens = pq.read_table(storage / "sensitivity.parquet").to_pandas()
+    assert sorted(sens["group"]) == sorted(["0", "3", "7", "10", "14"])
+    assert (sens["tau_l"] == summary["tau"] / (sens["delta_g"] + summary["g_noise"])).all()
+
+    trials = pq.read_table(storage / "trials.parquet").to_pandas()
+    steps = trials[trials["kind"] == "step"].sort_values("step")
+    assert len(steps) >= 3 and not steps["ray_train"].any()  # controller steps never launch Ray Train
+    assert (~steps["accepted"].astype(bool)).any()
+    for (_, a), (_, b) in zip(steps.iterrows(), steps.iloc[1:].iterrows()):  # the δ/γ rule
+        assert b["r"] == pytest.approx(a["r"] + (0.05 if a["accepted"] else -0.025))
+    assert all(steps["accepted"] == (steps["delta_g"] <= summary["tau"]))
+    launches = [p.name for p in (storage / "train").iterdir() if p.name.startswith("finetune-")]
+    assert len(launches) == 4  # one Ray Train run per arm, none for a controller step
+
+    pruned = summary["pruned"]
+    assert pruned["delta_g_before_finetune"] <= summary["tau"]
+    assert pruned["macs"] < summary["baseline"]["macs"] and pruned["top1"] >= 90
+    assert [row["arm"] for row in summary["arms"]] == ["adaptive", "baseline", "gc", "uniform"]
+    uniform = next(row for row in summary["arms"] if row["arm"] == "uniform")
+    assert uniform["macs_m"] == pytest.approx(pruned["macs"] / 1e6, rel=0.02)
+    gc = next(row for row in summary["arms"] if row["arm"] == "gc")
+    assert gc["delta_g"] <= 0.07
+
+    model, card = load_pruned(storage / "model")  # weights_only inside
+    assert card.arch == "convnet"
+    from geoprune_ray.core.pruning import macs_params
+    assert macs_params(model, card.input_shape)[0] == pruned["macs"]
+    assert summary["provenance"]["ray"] == ray.__version__ and summary["schema_version"] == 1
+    assert summary["config"]["method"]["probes"] == 8 and summary["config"]["overrides"] == METHOD
+
+
+def test_the_same_job_spec_is_required_to_resume(full_run, digits_weights):
+    storage, _ = full_run
+    from geoprune_ray.errors import GeopruneError
+
+    other = JobSpec.from_dict(_job(digits_weights, ["adaptive"], "another"))
+    with pytest.raises(GeopruneError, match="different job spec"):
+        run_job(other, str(storage))
+
+
+def _driver(job, storage, address, log):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "geoprune_ray.app.cli", "run", str(job), "--storage", str(storage),
+                             "--address", address], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def test_interrupted_driver_resumes_without_rerunning_steps(full_run, digits_weights, tmp_path):
+    _, uninterrupted = full_run
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(_job(digits_weights, ["adaptive"], "digits-resume")))
+    storage = tmp_path / "run"
+    address = ray.get_runtime_context().gcs_address
+    log_path = tmp_path / "first.log"
+    with open(log_path, "w") as log:
+        first = _driver(job, storage, address, log)
+        deadline = time.time() + 240
+        while time.time() < deadline and "controller step 1:" not in log_path.read_text():
+            assert first.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        interrupted_at = time.time()
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=120) != 0
+    assert not (storage / "summary.json").exists()
+    with open(tmp_path / "second.log", "w") as log:
+        second = _driver(job, storage, address, log)
+        assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    summary = json.loads((storage / "summary.json").read_text())
+    steps = pq.read_table(storage / "trials.parquet").to_pandas().query("kind == 'step'")
+    assert steps["step"].is_unique  # no controller step ran twice
+    early = steps[steps["step"] <= 1]
+    assert len(early) == 2 and (early["started"] < interrupted_at).all()
+    assert "restoring the Tune experiment" in (tmp_path / "second.log").read_text()
+    assert summary["controller"]["r_star"] == uninterrupted["controller"]["r_star"]
+    assert summary["tau"] == pytest.approx(uninterrupted["tau"], abs=1e-9)

@@ -1,0 +1,65 @@
+"""The RatioSearcher's contract, driven by hand (Tune drives it for real in test_pipeline.py)."""
+
+import math
+
+from ray.tune.search import Searcher
+
+from geoprune_ray.core.method import Controller
+from geoprune_ray.distributed.searcher import RatioSearcher
+
+CHANNELS = {"a": 16, "b": 32}
+BUDGETS = {"a": 2.0, "b": 1.0}
+
+
+def _searcher(**kw):
+    return RatioSearcher(Controller(budget=0.1, r=0.2), BUDGETS, CHANNELS, arms=("adaptive", "baseline"), **kw)
+
+
+def test_one_step_at_a_time_then_finals_then_finished():
+    s = _searcher()
+    first = s.suggest("t0")
+    assert first["kind"] == "step" and first["r"] == 0.2 and set(first["ratios"]) == {"a", "b"}
+    assert s.suggest("t1") is None  # waits for t0's ΔG
+    s.on_trial_result("t0", {"delta_g": 0.05, "macs": 10})
+    assert s.suggest("t1")["r"] == 0.25
+    s.on_trial_result("t1", {"delta_g": 0.2})
+    s.on_trial_complete("t0", {"delta_g": 0.05})  # completion after the first result changes nothing
+    assert s.suggest("t2")["r"] == 0.225
+    s.on_trial_result("t2", {"delta_g": 0.09})  # second switch: converged, r* = 0.225
+    finals = [s.suggest("f0"), s.suggest("f1")]
+    assert [f["arm"] for f in finals] == ["adaptive", "baseline"]
+    assert finals[0]["r"] == 0.225 and finals[0]["kind"] == "finetune"
+    assert s.suggest("f2") == Searcher.FINISHED
+    assert s.result.r_star == 0.225
+
+
+def test_failed_step_is_retried_then_counted_as_rejected():
+    s = _searcher(max_failures=2)
+    assert s.suggest("t0")["r"] == 0.2
+    s.on_trial_complete("t0", None, error=True)
+    assert s.suggest("t1")["r"] == 0.2  # the same step again
+    s.on_trial_complete("t1", None, error=True)
+    step = s.result.steps[-1]
+    assert step["r"] == 0.2 and step["delta_g"] == math.inf and not step["accepted"] and step["failed"]
+
+
+def test_save_restore_continues_the_sequence(tmp_path):
+    s = _searcher()
+    s.suggest("t0")
+    s.on_trial_result("t0", {"delta_g": 0.05})
+    s.save(str(tmp_path / "searcher.pkl"))
+    restored = RatioSearcher(metric="delta_g", mode="min")
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.suggest("t1")["r"] == s.suggest("t1")["r"] == 0.25
+    assert restored.result.to_dict() == s.result.to_dict()
+
+
+def test_finetune_all_adds_every_accepted_candidate():
+    s = RatioSearcher(Controller(budget=0.1, r=0.2), BUDGETS, CHANNELS, arms=("adaptive",), finetune_all=True)
+    for tid, dg in (("t0", 0.01), ("t1", 0.02), ("t2", 0.5), ("t3", 0.03)):
+        s.suggest(tid)
+        s.on_trial_result(tid, {"delta_g": dg})
+    finals = []
+    while (cfg := s.suggest(f"f{len(finals)}")) != Searcher.FINISHED:
+        finals.append(cfg)
+    assert [(f["arm"], f["r"]) for f in finals] == [("adaptive", 0.275), ("candidate", 0.2), ("candidate", 0.25)]
