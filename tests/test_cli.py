@@ -37,9 +37,18 @@ def _run(*args):
     (["prune", "--model", "convnet", "--dataset", "digits", "--out", "OUT", "--set", "tau=0.1"], "unknown"),
     (["prune", "--model", "convnet", "--dataset", "digits", "--out", "OUT", "--weights", "/no/w.pt"], "does not exist"),
     (["frobnicate"], "invalid choice"),
+    (["run", "NOJOB"], "does not exist"),
+    (["run", "BADKEY"], "did you mean 'protocol'"),
+    (["run", "GPUJOB", "--storage", "OUT"], "has no GPU"),
+    (["run", "GPUJOB", "--storage", "FILE/run"], "is a file, not a folder"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, needle, tmp_path):
-    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    (tmp_path / "bad.yaml").write_text("name: x\nprotocl: {}\n")
+    (tmp_path / "gpu.yaml").write_text("name: x\ndata: {name: digits}\nresources: {use_gpu: true}\n")
+    (tmp_path / "a_file").write_text("")
+    names = {"OUT": tmp_path / "out", "NOJOB": tmp_path / "absent.yaml", "BADKEY": tmp_path / "bad.yaml",
+             "GPUJOB": tmp_path / "gpu.yaml", "FILE/run": tmp_path / "a_file" / "run"}
+    args = [str(names.get(a, a)) for a in args]
     done = _run(*args)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()

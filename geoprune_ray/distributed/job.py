@@ -46,9 +46,10 @@ class ProtocolSpec:
 class ResourceSpec:
     probe_actors: int = 2
     cpus_per_actor: float = 0.25
-    gpus_per_actor: Optional[float] = None  # None: 0.25 when the cluster has GPUs, else 0
+    gpus_per_actor: Optional[float] = None  # None: half the cluster's GPUs shared by the actors, ≤ 0.25 each
     workers: int = 1  # Ray Train workers per fine-tune (DDP when > 1)
     cpus_per_worker: float = 1.0
+    gpus_per_worker: Optional[float] = None  # None: 1, or what the actors leave of a single GPU
     use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
     sensitivity_tasks: Optional[int] = None  # None: one per 2 groups
 
@@ -97,7 +98,7 @@ class JobSpec:
 
 def _build(cls: type, data: Any, where: str):
     if not isinstance(data, Mapping):
-        raise GeopruneError(f"{where or 'the job spec'} must be a mapping, not {type(data).__name__}",
+        raise GeopruneError(f"{where.rstrip('.') or 'the job spec'} must be a mapping, not {type(data).__name__}",
                             "write KEY: VALUE pairs (see the README's job-spec table)")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = get_type_hints(cls)

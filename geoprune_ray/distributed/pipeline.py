@@ -43,7 +43,8 @@ log = logging.getLogger("geoprune_ray")
 STATE = "state.json"
 EXPERIMENT = "controller"
 TRIAL_COLUMNS = ["trial_id", "kind", "arm", "step", "r", "delta_g", "accepted", "macs", "params", "ray_train",
-                 "top1", "top1_before_finetune", "delta_g_after", "pid", "actor", "started", "finished"]
+                 "top1", "top1_before_finetune", "delta_g_after", "pid", "actor", "train_device", "started",
+                 "finished"]
 
 
 def connect(address: Optional[str] = None) -> None:
@@ -52,10 +53,11 @@ def connect(address: Optional[str] = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     try:
+        quiet = {"log_to_driver": False, "logging_level": logging.ERROR}  # progress is ours, one line per event
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, **quiet)
         else:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", include_dashboard=False, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise GeopruneError(f"cannot connect to the Ray cluster at {address or 'local'}: {str(exc).splitlines()[0]}",
                             "check the GCS address (host:6379) and that the cluster is up") from None
@@ -98,9 +100,8 @@ class Pipeline:
         if use_gpu and gpus == 0:
             raise GeopruneError("resources.use_gpu is true but the Ray cluster has no GPU",
                                 "set use_gpu: false, or run on a cluster with GPUs")
-        gpus_per_actor = (spec.resources.gpus_per_actor if spec.resources.gpus_per_actor is not None else 0.25) \
-            if use_gpu else 0.0
-        scaling = Scaling(spec.resources.workers, use_gpu, spec.resources.cpus_per_worker)
+        gpus_per_actor, gpus_per_worker = gpu_shares(spec.resources, gpus if use_gpu else 0)
+        scaling = Scaling(spec.resources.workers, use_gpu, spec.resources.cpus_per_worker, gpus_per_worker)
         torch.manual_seed(spec.seed)
         model, train_set, test_set, card = resolve(spec.model.name, spec.data.name, spec.data.name,
                                                    width=spec.model.width, weights=spec.model.weights,
@@ -116,8 +117,8 @@ class Pipeline:
         elif spec.model.weights is None and spec.protocol.baseline_epochs > 0:
             log.info("stage baseline: training %s for %d epochs through Ray Train", card.arch,
                      spec.protocol.baseline_epochs)
-            state, metrics = fit(card, [], model.state_dict(), data_ref, spec.baseline_config(), scaling,
-                                 self.run.uri("train"), name="baseline")
+            state, metrics = fit(card, [], model.state_dict(), data_ref, spec.baseline_config(),
+                                 whole_nodes(scaling), self.run.uri("train"), name="baseline")
             model.load_state_dict(state)
             buffer = io.BytesIO()
             torch.save(state, buffer)
@@ -179,6 +180,10 @@ class Pipeline:
         r_star = ctl.r_star
         final_ratios = allocate(r_star, budgets, channels, cfg.r_max) if r_star > 0 else {}
         self._done("tune", started, r_star=r_star)
+        for kind in ("step", "finetune"):  # wall time of the controller steps and of the fine-tunes
+            rows = [t for t in trials if t["kind"] == kind and t.get("started") and t.get("finished")]
+            if rows:
+                self.timings[f"{kind}_trials"] = max(t["finished"] for t in rows) - min(t["started"] for t in rows)
         log.info("r* = %.4f after %d controller steps (%s)", r_star, len(ctl.steps), ctl.stop_reason)
 
         # 5. artifacts
@@ -205,7 +210,8 @@ class Pipeline:
             "config": {"method": cfg.to_dict(), "epsilon_used": epsilon, "baseline": spec.baseline_config().to_dict(),
                        "finetune": spec.finetune_config().to_dict(), "overrides": dict(spec.method)},
             "resources": {"cluster": {k: v for k, v in cluster.items() if k in ("CPU", "GPU", "memory")},
-                          "use_gpu": use_gpu, "gpus_per_actor": gpus_per_actor, "probe_actors": len(pool.actors),
+                          "use_gpu": use_gpu, "gpus_per_actor": gpus_per_actor,
+                          "gpus_per_worker": gpus_per_worker, "probe_actors": len(pool.actors),
                           "workers": scaling.workers,
                           "actor_pids": sorted({row["pid"] for row in probes})},
             "g_noise": noise, "tau": budget,
@@ -256,6 +262,26 @@ class Pipeline:
                                            r["started"] or 0))
 
 
+def whole_nodes(scaling: Scaling) -> Scaling:
+    """The baseline runs before any actor exists: give each worker a whole node's CPUs (and a whole GPU)."""
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    return Scaling(scaling.workers, scaling.use_gpu, max(scaling.cpus_per_worker, node_cpus),
+                   1.0 if scaling.use_gpu else 0.0)
+
+
+def gpu_shares(res, gpus: float) -> tuple[float, float]:
+    """GPU per probe actor and per Ray Train worker, so the actors never starve the fine-tunes."""
+    if not gpus:
+        return 0.0, 0.0
+    per_actor = res.gpus_per_actor if res.gpus_per_actor is not None else min(0.25, gpus / 2 / res.probe_actors)
+    left = gpus - per_actor * res.probe_actors
+    per_worker = res.gpus_per_worker if res.gpus_per_worker is not None else (1.0 if left >= 1 else left)
+    if per_worker <= 0 or per_worker > gpus:
+        raise GeopruneError(f"the probe actors take {per_actor * res.probe_actors:g} of {gpus:g} GPUs, "
+                            f"leaving none for fine-tuning", "lower resources.gpus_per_actor or probe_actors")
+    return per_actor, per_worker
+
+
 def replay_controller(ctl: Controller, steps: list[dict[str, Any]]) -> Controller:
     """The controller's trajectory, re-derived from the step trials (deterministic given their ΔG)."""
     by_step: dict[int, dict] = {}
@@ -293,5 +319,6 @@ def _jsonable(data: Any) -> Any:
 
 def run_job(spec: JobSpec, storage: str, address: Optional[str] = None) -> dict[str, Any]:
     """Run (or resume) ``spec`` with every artifact under ``storage``; returns the summary."""
+    pipeline = Pipeline(spec, storage)  # checks the run directory before a cluster is started
     connect(address)
-    return Pipeline(spec, storage).run_all()
+    return pipeline.run_all()

@@ -37,7 +37,6 @@ class RunDir:
                 if parent.exists() and not parent.is_dir():
                     raise GeopruneError(f"storage {location}: {parent} is a file, not a folder",
                                         "pass a folder path for --storage")
-        self.fs.create_dir(self.root, recursive=True)
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -47,9 +46,11 @@ class RunDir:
         return f"{self.location}/{name}"
 
     def exists(self, name: str) -> bool:
+        """Whether ``name`` is in the run directory (which need not exist yet)."""
         return self.fs.get_file_info(self.path(name)).type != pafs.FileType.NotFound
 
     def write_bytes(self, name: str, data: bytes) -> None:
+        self.fs.create_dir(self.root, recursive=True)
         tmp = self.path(f".{uuid.uuid4().hex[:8]}.{name.replace('/', '_')}.tmp")
         with self.fs.open_output_stream(tmp) as f:
             f.write(data)

@@ -28,6 +28,7 @@ class Scaling:
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
 
 
 def train_worker(config: dict) -> None:
@@ -35,6 +36,7 @@ def train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    torch.set_num_threads(max(1, int(config["cpus"])))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -53,12 +55,19 @@ def train_worker(config: dict) -> None:
                 torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                             "history": config["history"]}, Path(folder) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report({**metrics, "top1_before": top1_before}, checkpoint=checkpoint)
+            ray.train.report({**metrics, "top1_before": top1_before, "device": str(device)}, checkpoint=checkpoint)
 
     cfg = TrainConfig.from_dict(config["train"])
     train(net, train_set, cfg, device, on_epoch=lambda epoch, m: report({**m, "top1": float("nan")}),
           rank=rank, world_size=world)
     report({"epoch": cfg.epochs, "top1": evaluate(model, test_set, device)["top1"]})
+
+
+def _worker_resources(scaling: Scaling) -> dict[str, float]:
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker or 1.0
+    return resources
 
 
 def fit(card: ModelCard, history: list, state_dict: Mapping[str, torch.Tensor], data_ref: Any, cfg: TrainConfig,
@@ -70,9 +79,10 @@ def fit(card: ModelCard, history: list, state_dict: Mapping[str, torch.Tensor], 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"card": card.to_dict(), "history": history, "state_ref": ray.put(dict(state_dict)),
-                           "data_ref": data_ref, "train": cfg.to_dict()},
+                           "data_ref": data_ref, "train": cfg.to_dict(),
+                           "cpus": scaling.cpus_per_worker},
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
-                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
+                                     resources_per_worker=_worker_resources(scaling)),
         run_config=RunConfig(name=name, storage_path=storage),
     )
     result = trainer.fit()

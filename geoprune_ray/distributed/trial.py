@@ -54,7 +54,8 @@ def pruning_trial(config: dict, ctx: TrialContext) -> None:
         accepted = rec["delta_g"] <= ctx.tau
         tune.report({"kind": "step", "arm": "step", "step": config["step"], "r": config["r"],
                      "delta_g": rec["delta_g"], "accepted": accepted, "macs": rec["macs"], "params": rec["params"],
-                     "pid": rec["pid"], "actor": rec["actor"], "ray_train": False, "started": started})
+                     "pid": rec["pid"], "actor": rec["actor"], "ray_train": False, "started": started,
+                     "finished": time.time()})
         if ctx.finetune_all and accepted:
             _finetune(config, ctx, started, ratios=config["ratios"], r=config["r"])
         return
@@ -98,4 +99,5 @@ def _finetune(config: dict, ctx: TrialContext, started: float, ratios: Any, r: f
     dg_after = ray.get(actor.delta_of.remote(pruned["history"], state))
     tune.report({**base, "delta_g": pruned["delta_g"], "ray_train": True, "phase": "finetuned",
                  "top1": metrics["top1"], "top1_before_finetune": metrics["top1_before"], "delta_g_after": dg_after,
-                 "checkpoint_path": metrics["checkpoint_path"], "finished": time.time()})
+                 "checkpoint_path": metrics["checkpoint_path"], "train_device": metrics["device"],
+                 "finished": time.time()})
