@@ -52,14 +52,3 @@ def test_save_restore_continues_the_sequence(tmp_path):
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert restored.suggest("t1")["r"] == s.suggest("t1")["r"] == 0.25
     assert restored.result.to_dict() == s.result.to_dict()
-
-
-def test_finetune_all_adds_every_accepted_candidate():
-    s = RatioSearcher(Controller(budget=0.1, r=0.2), BUDGETS, CHANNELS, arms=("adaptive",), finetune_all=True)
-    for tid, dg in (("t0", 0.01), ("t1", 0.02), ("t2", 0.5), ("t3", 0.03)):
-        s.suggest(tid)
-        s.on_trial_result(tid, {"delta_g": dg})
-    finals = []
-    while (cfg := s.suggest(f"f{len(finals)}")) != Searcher.FINISHED:
-        finals.append(cfg)
-    assert [(f["arm"], f["r"]) for f in finals] == [("adaptive", 0.275), ("candidate", 0.2), ("candidate", 0.25)]

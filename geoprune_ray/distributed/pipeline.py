@@ -167,8 +167,7 @@ class Pipeline:
         ctx = TrialContext(self.state["run_id"], len(pool.actors), budget, cfg.r_max, card.to_dict(),
                            spec.finetune_config().to_dict(), data_ref, self.run.uri("train"), scaling,
                            spec.protocol.finetune_all)
-        trials = self._tune(ctx, RatioSearcher(ctl, budgets, channels, cfg.r_max, spec.protocol.arms,
-                                               spec.protocol.finetune_all))
+        trials = self._tune(ctx, RatioSearcher(ctl, budgets, channels, cfg.r_max, spec.protocol.arms))
         arms = {t["arm"]: t for t in trials if t["kind"] == "finetune" and t.get("ray_train")}
         missing = [arm for arm in spec.protocol.arms if arm not in arms]
         if missing:
@@ -187,6 +186,7 @@ class Pipeline:
         log.info("r* = %.4f after %d controller steps (%s)", r_star, len(ctl.steps), ctl.stop_reason)
 
         # 5. artifacts
+        started = time.time()
         adaptive = arms["adaptive"]
         final = _load_checkpoint(adaptive["checkpoint_path"])
         pruned = replay_pruning(card.build(), final["history"], card.input_shape)
@@ -228,7 +228,7 @@ class Pipeline:
             "provenance": provenance(torch.device("cuda" if use_gpu else "cpu")),
         }
         self.run.write_json("summary.json", summary)
-        self._done("done", started)
+        self._done("artifacts", started)
         pool.shutdown()
         return summary
 

@@ -3,8 +3,9 @@
 ``suggest`` hands out one controller step at a time (``None`` while a step's ΔG is pending);
 ``on_trial_result`` consumes a trial's first reported ΔG, so the next step starts without
 waiting for anything else that trial does. Once the controller has stopped, the searcher hands
-out the fine-tune trials (r* and the comparison arms; optionally every accepted candidate), then
-``Searcher.FINISHED``. Its state is plain data, so ``save``/``restore`` let ``Tuner.restore``
+out the fine-tune trials (r* and the comparison arms), then ``Searcher.FINISHED``. (With the job
+option ``finetune_all`` each accepted step trial fine-tunes itself after reporting its ΔG, while
+the controller moves on.) Its state is plain data, so ``save``/``restore`` let ``Tuner.restore``
 continue the sequence where it stopped.
 """
 
@@ -28,7 +29,7 @@ class RatioSearcher(Searcher):
 
     def __init__(self, controller: Optional[Controller] = None, budgets: Optional[Mapping[str, float]] = None,
                  channels: Optional[Mapping[str, int]] = None, r_max: float = 0.9,
-                 arms: Sequence[str] = ARMS, finetune_all: bool = False, max_failures: int = 2,
+                 arms: Sequence[str] = ARMS, max_failures: int = 2,
                  metric: str = "delta_g", mode: str = "min"):
         super().__init__(metric=metric, mode=mode)
         self.controller = controller.to_dict() if controller else None
@@ -36,7 +37,6 @@ class RatioSearcher(Searcher):
         self.channels = dict(channels or {})
         self.r_max = r_max
         self.arms = list(arms)
-        self.finetune_all = finetune_all
         self.max_failures = max_failures
         self.trials: dict[str, dict[str, Any]] = {}  # trial id → the config it was given
         self.observed: set[str] = set()
@@ -66,11 +66,6 @@ class RatioSearcher(Searcher):
             if arm == "uniform":
                 cfg["target_macs"] = adaptive_macs
             finals.append(cfg)
-        if self.finetune_all:  # every other accepted candidate: accuracy vs MACs along the trajectory
-            for s in ctl.steps:
-                if s["accepted"] and s["measured"] and s["r"] != r_star:
-                    finals.append({"kind": "finetune", "arm": "candidate", "r": s["r"], "step": s["step"],
-                                   "ratios": allocate(s["r"], self.budgets, self.channels, self.r_max)})
         return finals
 
     # -- the Searcher contract

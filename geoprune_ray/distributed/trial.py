@@ -66,7 +66,7 @@ def pruning_trial(config: dict, ctx: TrialContext) -> None:
 def _arm_ratios(config: dict, ctx: TrialContext) -> tuple[Any, float]:
     """The pruning of each arm; GC and uniform are decided here from training data only."""
     arm = config["arm"]
-    if arm in ("adaptive", "candidate"):
+    if arm == "adaptive":
         return config["ratios"], config["r"]
     if arm == "baseline":
         return 0.0, 0.0
