@@ -101,8 +101,8 @@ def test_interrupted_driver_resumes_without_rerunning_steps(full_run, digits_wei
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
         first = _driver(job, storage, address, log)
-        deadline = time.time() + 240
-        while time.time() < deadline and "controller step 1:" not in log_path.read_text():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and "controller step 1:" not in log_path.read_text():
             assert first.poll() is None, log_path.read_text()[-3000:]
             time.sleep(0.2)
         interrupted_at = time.time()

@@ -12,7 +12,7 @@ import gzip
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -319,8 +319,3 @@ def stratified_halves(labels: Tensor, seed: int) -> tuple[Tensor, Tensor]:
         first.append(members[:half])
         second.append(members[half: 2 * half])
     return torch.cat(first), torch.cat(second)
-
-
-def as_batches(indices: Sequence[int] | Tensor, batch_size: int) -> list[Tensor]:
-    indices = torch.as_tensor(indices)
-    return list(indices.split(batch_size))

@@ -42,10 +42,6 @@ def register_model(name: str, input_size: Optional[int], description: str):
     return wrap
 
 
-def list_models() -> dict[str, str]:
-    return {name: entry.description for name, entry in sorted(_REGISTRY.items())}
-
-
 def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 

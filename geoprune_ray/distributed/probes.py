@@ -12,7 +12,7 @@ import copy
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import ray
 import torch
@@ -123,10 +123,3 @@ class ProbePool:
 
 def actor_name(run_id: str, index: int) -> str:
     return f"geoprune-{run_id}-probe-{index}"
-
-
-def get_actor(run_id: str, index: int) -> Optional[ray.actor.ActorHandle]:
-    try:
-        return ray.get_actor(actor_name(run_id, index))
-    except ValueError:
-        return None
