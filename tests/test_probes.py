@@ -1,5 +1,6 @@
 """Probe actors and sensitivity tasks on a real local Ray cluster, against the in-process reference."""
 
+import contextlib
 import copy
 
 import pytest
@@ -25,10 +26,18 @@ def setup(ray_cluster, digits, digits_model):
     return calibration, meter, base
 
 
+@contextlib.contextmanager
+def probe_pool(model, calibration, run_id):
+    pool = ProbePool(model, calibration, TARGET, True, PoolSpec(actors=2), run_id)
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
+
+
 def test_actor_delta_g_equals_in_process(setup, digits_model):
     calibration, meter, base = setup
-    pool = ProbePool(digits_model, calibration, TARGET, True, PoolSpec(actors=2), "probe-eq")
-    try:
+    with probe_pool(digits_model, calibration, "probe-eq") as pool:
         ratios = probe_ratios(8, 0.5, seed=0)
         records = pool.map("measure", [(r,) for r in ratios])
         for r, rec in zip(ratios, records):
@@ -36,8 +45,6 @@ def test_actor_delta_g_equals_in_process(setup, digits_model):
         assert len({rec["pid"] for rec in records}) >= 2
         assert all(rec["device"] == "cpu" and rec["node"] for rec in records)
         assert ray.get(pool.actors[0].noise.remote(5, 0)) == pytest.approx(meter.noise(5, 0), abs=1e-6)
-    finally:
-        pool.shutdown()
 
 
 def test_sensitivity_tasks_match_in_process(setup, digits_model):
@@ -52,8 +59,7 @@ def test_sensitivity_tasks_match_in_process(setup, digits_model):
 
 def test_killing_a_probe_actor_mid_probe_keeps_the_sample(setup, digits_model):
     calibration, meter, base = setup
-    pool = ProbePool(digits_model, calibration, TARGET, True, PoolSpec(actors=2), "probe-kill")
-    try:
+    with probe_pool(digits_model, calibration, "probe-kill") as pool:
         ratios = probe_ratios(12, 0.5, seed=1)
         refs = pool.submit("measure", [(r,) for r in ratios])
         ray.wait(refs, num_returns=1)
@@ -66,5 +72,3 @@ def test_killing_a_probe_actor_mid_probe_keeps_the_sample(setup, digits_model):
             assert rec["delta_g"] == pytest.approx(measure(base, meter, r, TARGET).delta_g, abs=1e-4)
         restarted = [rec for rec in records if rec["restarted"]]
         assert restarted and all(rec["pid"] != old_pid for rec in restarted)
-    finally:
-        pool.shutdown()

@@ -15,12 +15,13 @@ import io
 import logging
 import math
 import os
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Optional
 
 import ray
-import ray.train
 import torch
 from ray import tune
 
@@ -36,7 +37,7 @@ from .probes import PoolSpec, ProbePool
 from .rundir import RunDir
 from .searcher import RatioSearcher
 from .sensitivity import run_sensitivity
-from .training import Scaling, fit
+from .training import Scaling, fit, load_checkpoint
 from .trial import TrialContext, pruning_trial
 
 log = logging.getLogger("geoprune_ray")
@@ -188,10 +189,11 @@ class Pipeline:
         # 5. artifacts
         started = time.time()
         adaptive = arms["adaptive"]
-        final = _load_checkpoint(adaptive["checkpoint_path"])
+        final = load_checkpoint(adaptive["checkpoint_path"])
         pruned = replay_pruning(card.build(), final["history"], card.input_shape)
         pruned.load_state_dict(final["state_dict"])
-        with self.run.staging() as folder:
+        with tempfile.TemporaryDirectory(prefix="geoprune-") as staging:
+            folder = Path(staging)
             save_pruned(folder / "model", pruned, final["history"], card,
                         extra={"top1": adaptive["top1"], "r_star": r_star})
             self.run.put_folder(folder / "model", "model")
@@ -301,12 +303,6 @@ def arm_row(name: str, trial: dict[str, Any], budget: float) -> dict[str, Any]:
             "top1_before_finetune": trial["top1_before_finetune"], "params_m": trial["params"] / 1e6,
             "macs_m": trial["macs"] / 1e6, "delta_g": trial["delta_g"], "delta_g_after": trial["delta_g_after"],
             "budget": budget if name == "adaptive" else (0.07 if name == "gc" else None)}
-
-
-def _load_checkpoint(path: str) -> dict[str, Any]:
-    checkpoint = ray.train.Checkpoint(path)
-    with checkpoint.as_directory() as folder:
-        return torch.load(os.path.join(folder, "model.pt"), map_location="cpu", weights_only=True)
 
 
 def _jsonable(data: Any) -> Any:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -83,20 +81,6 @@ class RunDir:
         if self.exists(name):
             self.fs.delete_dir(self.path(name))
         self.fs.move(staging, self.path(name))
-
-    def staging(self) -> "_Staging":
-        return _Staging()
-
-
-class _Staging:
-    """A local temporary folder for artifacts that are written as folders (``model/``)."""
-
-    def __enter__(self) -> Path:
-        self.folder = Path(tempfile.mkdtemp(prefix="geoprune-"))
-        return self.folder
-
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _plain(value: Any) -> Any:

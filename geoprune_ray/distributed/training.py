@@ -86,6 +86,15 @@ def fit(card: ModelCard, history: list, state_dict: Mapping[str, torch.Tensor], 
         run_config=RunConfig(name=name, storage_path=storage),
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as folder:
-        payload = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    payload = load_checkpoint(result.checkpoint)
     return payload["state_dict"], {**result.metrics, "checkpoint_path": result.checkpoint.path}
+
+
+def load_checkpoint(checkpoint: "ray.train.Checkpoint | str") -> dict[str, Any]:
+    """The weights and pruning history a worker saved (a Checkpoint, or its path), weights_only."""
+    import ray.train
+
+    if isinstance(checkpoint, str):
+        checkpoint = ray.train.Checkpoint(checkpoint)
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
