@@ -68,3 +68,25 @@ def digits_weights(digits_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("weights") / "convnet_digits.pt"
     torch.save(digits_model.state_dict(), path)
     return path
+
+
+# The digits pipeline job of the Ray tests: the trained convnet, every arm, small method settings.
+PIPELINE_METHOD = {"calib_per_class": 60, "bn_batches": 4, "probes": 8}
+
+
+def pipeline_job(weights, arms, name):
+    return {"name": name, "model": {"name": "convnet", "width": 0.5, "weights": str(weights)},
+            "data": {"name": "digits"},
+            "protocol": {"finetune_epochs": 2, "batch_size": 64, "lr": 0.1, "arms": list(arms)},
+            "resources": {"probe_actors": 2, "cpus_per_worker": 0.5}, "method": PIPELINE_METHOD}
+
+
+@pytest.fixture(scope="session")
+def full_run(ray_cluster, digits_weights, tmp_path_factory):
+    """One finished pipeline run on digits with all four arms: (run directory, summary)."""
+    from geoprune_ray.distributed.job import JobSpec
+    from geoprune_ray.distributed.pipeline import run_job
+
+    storage = tmp_path_factory.mktemp("run") / "digits"
+    spec = JobSpec.from_dict(pipeline_job(digits_weights, ["adaptive", "baseline", "gc", "uniform"], "digits-full"))
+    return storage, run_job(spec, str(storage))

@@ -20,22 +20,7 @@ from geoprune_ray.core.pruning import load_pruned
 from geoprune_ray.distributed.job import JobSpec
 from geoprune_ray.distributed.pipeline import run_job
 
-METHOD = {"calib_per_class": 60, "bn_batches": 4, "probes": 8}
-
-
-def _job(weights, arms, name):
-    return {"name": name, "model": {"name": "convnet", "width": 0.5, "weights": str(weights)},
-            "data": {"name": "digits"},
-            "protocol": {"finetune_epochs": 2, "batch_size": 64, "lr": 0.1, "arms": list(arms)},
-            "resources": {"probe_actors": 2, "cpus_per_worker": 0.5}, "method": METHOD}
-
-
-@pytest.fixture(scope="module")
-def full_run(ray_cluster, digits_weights, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("run") / "digits"
-    spec = JobSpec.from_dict(_job(digits_weights, ["adaptive", "baseline", "gc", "uniform"], "digits-full"))
-    summary = run_job(spec, str(storage))
-    return storage, summary
+from conftest import PIPELINE_METHOD as METHOD, pipeline_job as _job
 
 
 def test_artifacts_of_a_full_run(full_run):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -12,6 +13,8 @@ from typing import Any, Optional, Sequence
 from ..errors import GeopruneError, Interrupted
 
 EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,22 +87,118 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ..distributed.pipeline import run_job
+    from ..report import arms_table
     from .spec import load_spec
 
     spec = load_spec(args.job)
-    summary = run_job(spec, args.storage or f"runs/{spec.name}", address=args.address)
-    print(format_table(summary))
-    print(f"wrote {args.storage or f'runs/{spec.name}'}")
+    storage = args.storage or f"runs/{spec.name}"
+    summary = run_job(spec, storage, address=args.address)
+    print(arms_table(summary["arms"]))
+    print(f"wrote {storage} (report: {storage.rstrip('/')}/report.md)")
     return 0
 
 
-def format_table(summary: dict) -> str:
-    """The paper-style table: Method | Top-1 | Params (M) | MACs (M) | ΔG."""
-    lines = ["| Method | Top-1 (%) | Params (M) | MACs (M) | ΔG |", "|---|---|---|---|---|"]
-    for row in summary["arms"]:
-        lines.append(f"| {row['method']} | {row['top1']:.2f} | {row['params_m']:.3f} | {row['macs_m']:.2f} | "
-                     f"{row['delta_g']:.4f} |")
-    return "\n".join(lines)
+def cmd_resume(args: argparse.Namespace) -> int:
+    from ..distributed.job import JobSpec
+    from ..distributed.pipeline import STATE, run_job
+    from ..distributed.rundir import RunDir
+    from ..report import arms_table, render_report
+
+    run = RunDir(args.run_dir)
+    if not run.exists(STATE):
+        raise GeopruneError(f"{args.run_dir} is not a geoprune run directory (no {STATE})",
+                            "pass the --storage folder of an earlier 'geoprune run'")
+    if run.exists("summary.json"):
+        summary = run.read_json("summary.json")
+        render_report(run)
+        print(f"{args.run_dir} already finished; report re-rendered")
+    else:
+        summary = run_job(JobSpec.from_dict(run.read_json(STATE)["spec"]), args.run_dir, address=args.address)
+    print(arms_table(summary["arms"]))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..distributed.rundir import RunDir
+    from ..report import render_batch, render_report
+
+    run = RunDir(args.run_dir)
+    if run.exists("batch.json"):
+        jobs = run.read_json("batch.json")["jobs"]
+        runs = {n: RunDir(j["run_dir"]).read_json("summary.json") for n, j in jobs.items() if j["exit_code"] == 0}
+        print(f"wrote {render_batch(run, runs)}")
+    else:
+        print(f"wrote {render_report(run)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..export import export_model
+
+    rec = export_model(args.run_dir, args.format, args.out)
+    print(f"wrote {rec['path']} ({args.format}; outputs match PyTorch's to {rec['max_abs_diff']:.2e} on a batch of "
+          f"{rec['batch']})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..core.config import TrainConfig
+    from ..core.reference import resolve
+    from ..core.train import evaluate, train
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise GeopruneError(f"{out} exists", "pass another --out, or --overwrite")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise GeopruneError(f"--out {out}: {out.parent} is a file", "pass a path inside a folder")
+    import torch
+
+    torch.manual_seed(args.seed)
+    model, train_set, test_set, card = resolve(args.model, args.dataset, args.dataset, width=args.width,
+                                               input_size=args.input_size, data_dir=args.data_dir,
+                                               download=args.download)
+    train(model, train_set, TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+          args.device)
+    top1 = evaluate(model, test_set, args.device)["top1"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(out)
+    print(f"{card.arch} on {train_set.name}: top-1 {top1:.2f}% after {args.epochs} epochs; wrote {out} "
+          f"(use it as model.weights in a job spec)")
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from ..distributed.batch import load_batch, run_batch
+
+    batch = load_batch(args.batch)
+    storage = args.storage or f"runs/{batch.name}"
+    if args.address and args.address.startswith(("http://", "https://")):
+        from .submit import submit_batch
+
+        return submit_batch(batch, storage, args.address, follow=True)
+    run_batch(batch, storage, address=args.address)
+    print((Path(storage) / "batch.md").read_text() if "://" not in storage else f"wrote {storage}/batch.md")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .submit import submit
+
+    return submit(args.job, args.address, args.storage, pip=args.pip, follow=args.follow)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .submit import status
+
+    return status(args.address, args.job_id)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from .submit import stop
+
+    return stop(args.address, args.job_id)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,15 +234,90 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("run", help="run a job spec on Ray (embedded local Ray unless --address/RAY_ADDRESS)")
+    p = sub.add_parser("train", help="train a baseline in-process and write its state_dict (a job's model.weights)",
+                       description="Train a model in-process (no Ray) and save its weights for a job spec.",
+                       epilog="example: geoprune train --model convnet --width 0.25 --dataset fashion-mnist "
+                              "--epochs 4 --out weights/convnet.pt")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True, help="digits, fashion-mnist, cifar10, cifar100 or imagefolder:PATH")
+    p.add_argument("--out", required=True, help="the state_dict file to write")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--input-size", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    address_help = ("a Ray cluster's GCS address such as 10.0.0.1:6379, or 'auto' (default: $RAY_ADDRESS, else an "
+                    "embedded local Ray). Not the dashboard URL: that is for 'geoprune submit'")
+    p = sub.add_parser("run", help="run a job spec on Ray (embedded local Ray unless --address/RAY_ADDRESS)",
+                       description="Run a job spec: baseline, probes, τ, sensitivity, controller, fine-tunes, "
+                                   "report. Running again with the same --storage resumes.",
+                       epilog="example: geoprune run jobs/quickstart.yaml --storage runs/quickstart")
     p.add_argument("job", help="a job spec (YAML), e.g. jobs/quickstart.yaml")
     p.add_argument("--storage", default=None,
-                   help="the run directory: a local path or a pyarrow URI (default runs/NAME); "
-                        "running again with the same folder resumes")
-    p.add_argument("--address", default=None,
-                   help="a Ray cluster (GCS) address such as 10.0.0.1:6379, or 'auto' (default: $RAY_ADDRESS, "
-                        "else an embedded local Ray)")
+                   help="the run directory: a local path or a pyarrow URI such as s3://bucket/runs/x "
+                        "(default runs/NAME); running again with the same folder resumes")
+    p.add_argument("--address", default=None, help=address_help)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="finish an interrupted run from its run directory",
+                       epilog="example: geoprune resume runs/quickstart")
+    p.add_argument("run_dir", help="the --storage folder of an earlier run")
+    p.add_argument("--address", default=None, help=address_help)
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("batch", help="run several job specs as concurrent pipelines on one cluster",
+                       description="Run a batch spec (defaults + jobs) concurrently on one Ray cluster and write "
+                                   "one combined table (batch.md, batch.parquet, plots/batch.png).",
+                       epilog="example: geoprune batch jobs/paper_cifar100.yaml --storage runs/paper")
+    p.add_argument("batch", help="a batch spec (YAML): name, defaults, jobs")
+    p.add_argument("--storage", default=None, help="the batch folder; each job runs in STORAGE/JOB_NAME")
+    p.add_argument("--address", default=None,
+                   help=address_help + "; a dashboard URL (http://HOST:8265) submits each job through the Jobs API")
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("submit", help="submit a job spec to a Ray cluster through the Ray Jobs API",
+                       description="Submit 'geoprune run JOB' as a Ray job. --address is the dashboard URL "
+                                   "(http://127.0.0.1:8265 after 'ray dashboard cluster.yaml'), not the GCS address.",
+                       epilog="example: geoprune submit jobs/fashion_resnet18.yaml --address http://127.0.0.1:8265 "
+                              "--storage s3://bucket/runs/fashion --follow")
+    p.add_argument("job", help="a job spec (YAML)")
+    p.add_argument("--address", default=None, help="the Ray dashboard URL (default: $RAY_ADDRESS)")
+    p.add_argument("--storage", default=None,
+                   help="the run directory as the cluster sees it: shared storage such as s3://bucket/runs/NAME "
+                        "(default: ~/geoprune-runs/NAME on the node that runs the job)")
+    p.add_argument("--pip", action="store_true",
+                   help="install this geoprune-ray version and its pinned dependencies into the job's runtime_env")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="status of submitted jobs (all, or one)")
+    p.add_argument("job_id", nargs="?", help="a job id printed by 'geoprune submit'")
+    p.add_argument("--address", default=None, help="the Ray dashboard URL (default: $RAY_ADDRESS)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("stop", help="stop a submitted job")
+    p.add_argument("job_id")
+    p.add_argument("--address", default=None, help="the Ray dashboard URL (default: $RAY_ADDRESS)")
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("report", help="render report.md and plots from a run (or batch) directory",
+                       epilog="example: geoprune report runs/quickstart")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="export a run's pruned model, checked against PyTorch's outputs",
+                       epilog="example: geoprune export runs/quickstart --format onnx")
+    p.add_argument("run_dir")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "state"])
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -166,6 +340,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("geoprune: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if debug:
+            raise
+        if exc.errno in _DISK_ERRORS or "No space left on device" in str(exc):
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(f"geoprune: error: {exc.strerror or exc}{where} (free space or pick another --storage/--out; "
+                  f"nothing half-written was left)", file=sys.stderr)
+            return EXIT_USAGE
+        return _internal(exc)
+    except Exception as exc:  # an internal fault: say so, and where the traceback is
+        if debug:
+            raise
+        return _internal(exc)
+
+
+def _internal(exc: BaseException) -> int:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    print(f"geoprune: internal error: {type(exc).__name__}: {first} (run again with --debug for the traceback)",
+          file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Job specs: YAML → the typed ``JobSpec``, validated once at this boundary."""
+"""Job and batch specs: YAML → typed specs, validated once at this boundary."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -10,14 +11,18 @@ from ..distributed.job import JobSpec
 from ..errors import GeopruneError
 
 
-def load_spec(path: str | Path) -> JobSpec:
+def read_yaml(path: str | Path, kind: str = "job spec", example: str = "jobs/quickstart.yaml") -> Any:
+    """A YAML file's content, or one clear error naming the file (and the line of a syntax error)."""
     path = Path(path)
     if not path.is_file():
-        raise GeopruneError(f"job spec {path} does not exist", "pass a YAML file such as jobs/quickstart.yaml")
+        raise GeopruneError(f"{kind} {path} does not exist", f"pass a YAML file such as {example}")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise GeopruneError(f"job spec {path} is not valid YAML{where}", "check indentation and colons") from None
-    return JobSpec.from_dict(data or {})
+        raise GeopruneError(f"{kind} {path} is not valid YAML{where}", "check indentation and colons") from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    return JobSpec.from_dict(read_yaml(path) or {})

@@ -52,6 +52,7 @@ class ResourceSpec:
     gpus_per_worker: Optional[float] = None  # None: 1, or what the actors leave of a single GPU
     use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
     sensitivity_tasks: Optional[int] = None  # None: one per 2 groups
+    wait_for_gpu_s: float = 0.0  # an autoscaling cluster with GPU workers from 0: ask for one, wait this long
 
 
 @dataclass(frozen=True)

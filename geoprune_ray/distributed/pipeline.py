@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 import uuid
@@ -30,10 +31,12 @@ from ..core.method import (Controller, PruneTarget, allocate, initial_ratio, lay
                            weighted_ratio)
 from ..core.pruning import dependency_groups, macs_params, replay_pruning, save_pruned
 from ..core.reference import SCHEMA_VERSION, provenance, resolve
+from ..core.speed import compare_speed
 from ..core.train import evaluate
 from ..errors import GeopruneError, Interrupted
 from .job import JobSpec
 from .probes import PoolSpec, ProbePool
+from .progress import Progress
 from .rundir import RunDir
 from .searcher import RatioSearcher
 from .sensitivity import run_sensitivity
@@ -50,9 +53,11 @@ TRIAL_COLUMNS = ["trial_id", "kind", "arm", "step", "r", "delta_g", "accepted", 
 
 def connect(address: Optional[str] = None) -> None:
     """Join ``address`` (or ``$RAY_ADDRESS``), else start an embedded local Ray."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_gcs_address(address)
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
     try:
         quiet = {"log_to_driver": False, "logging_level": logging.ERROR}  # progress is ours, one line per event
         if address:
@@ -62,6 +67,24 @@ def connect(address: Optional[str] = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise GeopruneError(f"cannot connect to the Ray cluster at {address or 'local'}: {str(exc).splitlines()[0]}",
                             "check the GCS address (host:6379) and that the cluster is up") from None
+
+
+def check_gcs_address(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with one line, on an address that is a URL or that nothing listens on."""
+    if address.startswith(("http://", "https://")):
+        raise GeopruneError(f"--address {address} is a dashboard URL, not a cluster (GCS) address",
+                            "give 'run' host:6379, or use 'geoprune submit --address URL' to submit through the "
+                            "Jobs API")
+    if address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise GeopruneError(f"--address {address} is not HOST:PORT", "write e.g. 10.0.0.1:6379, or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise GeopruneError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}",
+                            "check that the head is up ('ray start --head') and the port is reachable") from None
 
 
 class Pipeline:
@@ -79,23 +102,36 @@ class Pipeline:
             self.state = {"run_id": uuid.uuid4().hex[:8], "spec": _jsonable(spec.to_dict()), "stages": {},
                           "schema_version": SCHEMA_VERSION}
         self.timings: dict[str, float] = dict(self.state.get("timings", {}))
+        self._resolved = None
 
     # -- bookkeeping
     def _done(self, stage: str, started: float, **outputs: Any) -> None:
         if stage in self.state["stages"]:
             return  # finished by an earlier driver: keep its record and timing
         self.timings[stage] = time.time() - started
-        self.state["stages"][stage] = {"finished": time.time(), **outputs}
+        self.state["stages"][stage] = {"started": started, "finished": time.time(), **outputs}
         self.state["timings"] = self.timings
         self.run.write_json(STATE, self.state)
 
     def stage(self, name: str) -> Optional[dict]:
         return self.state["stages"].get(name)
 
+    def preflight(self):
+        """Build the model, load its weights and the data: bad input fails here, before Ray starts."""
+        if self._resolved is None:
+            spec = self.spec
+            torch.manual_seed(spec.seed)
+            self._resolved = resolve(spec.model.name, spec.data.name, spec.data.name, width=spec.model.width,
+                                     weights=spec.model.weights, input_size=spec.model.input_size,
+                                     data_dir=spec.data.data_dir, download=spec.data.download)
+        return self._resolved
+
     # -- the run
     def run_all(self) -> dict[str, Any]:
         spec, cfg = self.spec, self.cfg
         cluster = ray.cluster_resources()
+        if spec.resources.use_gpu and not cluster.get("GPU") and spec.resources.wait_for_gpu_s > 0:
+            cluster = wait_for_gpus(spec.resources.wait_for_gpu_s)
         gpus = cluster.get("GPU", 0)
         use_gpu = spec.resources.use_gpu if spec.resources.use_gpu is not None else gpus > 0
         if use_gpu and gpus == 0:
@@ -103,11 +139,16 @@ class Pipeline:
                                 "set use_gpu: false, or run on a cluster with GPUs")
         gpus_per_actor, gpus_per_worker = gpu_shares(spec.resources, gpus if use_gpu else 0)
         scaling = Scaling(spec.resources.workers, use_gpu, spec.resources.cpus_per_worker, gpus_per_worker)
-        torch.manual_seed(spec.seed)
-        model, train_set, test_set, card = resolve(spec.model.name, spec.data.name, spec.data.name,
-                                                   width=spec.model.width, weights=spec.model.weights,
-                                                   input_size=spec.model.input_size, data_dir=spec.data.data_dir,
-                                                   download=spec.data.download)
+        model, train_set, test_set, card = self.preflight()
+        self.progress = progress = Progress(self.state["run_id"])
+        try:
+            return self._run(spec, cfg, cluster, use_gpu, gpus_per_actor, gpus_per_worker, scaling, model, train_set,
+                             test_set, card, progress)
+        finally:
+            progress.close()
+
+    def _run(self, spec, cfg, cluster, use_gpu, gpus_per_actor, gpus_per_worker, scaling, model, train_set, test_set,
+             card, progress: Progress) -> dict[str, Any]:
         target = PruneTarget(card.input_shape, card.num_classes, cfg.importance, cfg.round_to)
         data_ref = ray.put((train_set, test_set))
 
@@ -119,7 +160,8 @@ class Pipeline:
             log.info("stage baseline: training %s for %d epochs through Ray Train", card.arch,
                      spec.protocol.baseline_epochs)
             state, metrics = fit(card, [], model.state_dict(), data_ref, spec.baseline_config(),
-                                 whole_nodes(scaling), self.run.uri("train"), name="baseline")
+                                 whole_nodes(scaling), self.run.uri("train"), name="baseline",
+                                 progress=(self.state["run_id"], "baseline"))
             model.load_state_dict(state)
             buffer = io.BytesIO()
             torch.save(state, buffer)
@@ -137,7 +179,7 @@ class Pipeline:
             noise = ray.get(pool.actors[0].noise.remote(cfg.noise_splits, cfg.seed))
             ratios = probe_ratios(cfg.probes, cfg.r_probe_max, cfg.seed)
             log.info("stage probes: %d probes on %d actors", len(ratios), len(pool.actors))
-            records = pool.map("measure", [(r,) for r in ratios])
+            records = progress.gather(pool.submit("measure", [(r,) for r in ratios]), "probes", "probes")
             rows = [{"probe": m, "ratio": r, "seed": cfg.seed, **rec} for m, (r, rec) in enumerate(zip(ratios, records))]
             self.run.write_table("probes.parquet", rows)
             budget = tau(noise, [row["delta_g"] for row in rows], cfg.beta)
@@ -155,7 +197,9 @@ class Pipeline:
             chunks = spec.resources.sensitivity_tasks or max(1, math.ceil(len(groups) / 2))
             log.info("stage sensitivity: %d groups in %d Ray tasks", len(groups), chunks)
             rows = run_sensitivity(model, calibration, target, cfg.bn_recalibration, list(channels),
-                                   cfg.sensitivity_ratio, chunks, gpus=gpus_per_actor)
+                                   cfg.sensitivity_ratio, chunks, gpus=gpus_per_actor,
+                                   gather=lambda refs: progress.gather(refs, f"sensitivity ({len(groups)} groups)",
+                                                                       "tasks"))
             self._done("sensitivity", started, delta_g={n: rows[n]["delta_g"] for n in channels})
         sens = self.stage("sensitivity")["delta_g"]
         epsilon = noise if cfg.epsilon is None else cfg.epsilon
@@ -197,6 +241,10 @@ class Pipeline:
             save_pruned(folder / "model", pruned, final["history"], card,
                         extra={"top1": adaptive["top1"], "r_star": r_star})
             self.run.put_folder(folder / "model", "model")
+        log.info("stage speed: timing base and pruned models on the fine-tune device")
+        speed = ray.get(_speed_task.options(num_cpus=scaling.cpus_per_worker,
+                                            num_gpus=gpus_per_worker if use_gpu else 0).remote(
+            model, pruned, card.input_shape, use_gpu))
         self.run.write_table("sensitivity.parquet", [
             {"group": g.name, "channels": g.channels, "modules": g.modules, "delta_g": sens[g.name],
              "tau_l": budgets[g.name], "ratio": final_ratios.get(g.name, 0.0)} for g in groups])
@@ -226,12 +274,16 @@ class Pipeline:
                        "delta_g_before_finetune": adaptive["delta_g"], "delta_g_after_finetune": adaptive["delta_g_after"],
                        "macs_ratio": adaptive["macs"] / base_macs, "params_ratio": adaptive["params"] / base_params},
             "arms": [arm_row(name, arms[name], budget) for name in spec.protocol.arms if name in arms],
+            "speed": speed,
             "timings_s": self.timings,
             "provenance": provenance(torch.device("cuda" if use_gpu else "cpu")),
         }
         self.run.write_json("summary.json", summary)
         self._done("artifacts", started)
         pool.shutdown()
+        from ..report import render_report
+
+        log.info("report: %s", render_report(self.run))
         return summary
 
     def _tune(self, ctx: TrialContext, searcher: RatioSearcher) -> list[dict[str, Any]]:
@@ -262,6 +314,25 @@ class Pipeline:
             rows.append(row)
         return sorted(rows, key=lambda r: (r["kind"] != "step", r["step"] if r["step"] is not None else 1e9,
                                            r["started"] or 0))
+
+
+@ray.remote
+def _speed_task(base: torch.nn.Module, pruned: torch.nn.Module, input_shape, use_gpu: bool) -> dict[str, Any]:
+    """Inference speed of base vs pruned on the device the run fine-tuned on."""
+    return compare_speed(base, pruned, input_shape, "cuda" if use_gpu else "cpu")
+
+
+def wait_for_gpus(timeout_s: float) -> dict[str, float]:
+    """Ask the autoscaler for a GPU node (workers that scale from 0) and wait until one has joined."""
+    from ray.autoscaler.sdk import request_resources
+
+    log.info("waiting up to %.0f s for the autoscaler to start a GPU node", timeout_s)
+    request_resources(bundles=[{"GPU": 1}])
+    deadline = time.monotonic() + timeout_s
+    while not (cluster := ray.cluster_resources()).get("GPU") and time.monotonic() < deadline:
+        time.sleep(5)
+    request_resources(bundles=[])  # the running trials hold the node from here on
+    return cluster
 
 
 def whole_nodes(scaling: Scaling) -> Scaling:
@@ -316,5 +387,6 @@ def _jsonable(data: Any) -> Any:
 def run_job(spec: JobSpec, storage: str, address: Optional[str] = None) -> dict[str, Any]:
     """Run (or resume) ``spec`` with every artifact under ``storage``; returns the summary."""
     pipeline = Pipeline(spec, storage)  # checks the run directory before a cluster is started
+    pipeline.preflight()  # and the model, weights and data
     connect(address)
     return pipeline.run_all()

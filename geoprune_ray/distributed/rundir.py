@@ -49,10 +49,23 @@ class RunDir:
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self.fs.create_dir(self.root, recursive=True)
-        tmp = self.path(f".{uuid.uuid4().hex[:8]}.{name.replace('/', '_')}.tmp")
-        with self.fs.open_output_stream(tmp) as f:
+        folder, _, base = name.rpartition("/")
+        if folder:
+            self.fs.create_dir(self.path(folder), recursive=True)
+        tmp = self.path(f"{folder + '/' if folder else ''}.{uuid.uuid4().hex[:8]}.{base}.tmp")
+        try:
+            self._write_stream(tmp, data)
+            self.fs.move(tmp, self.path(name))
+        except BaseException:
+            try:
+                self.fs.delete_file(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _write_stream(self, path: str, data: bytes) -> None:
+        with self.fs.open_output_stream(path) as f:
             f.write(data)
-        self.fs.move(tmp, self.path(name))
 
     def read_bytes(self, name: str) -> bytes:
         with self.fs.open_input_stream(self.path(name)) as f:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
 import torch
@@ -42,10 +42,10 @@ def chunked(items: Sequence[str], chunks: int) -> list[list[str]]:
 
 def run_sensitivity(base: nn.Module, calibration: Calibration, target: PruneTarget, bn_recalibration: bool,
                     names: Sequence[str], ratio: float, chunks: int, cpus: float = 0.5,
-                    gpus: float = 0.0) -> dict[str, dict[str, Any]]:
+                    gpus: float = 0.0, gather: Callable[[list], list] = ray.get) -> dict[str, dict[str, Any]]:
     """ΔG_L for every group in ``names``, fanned out over ``chunks`` Ray tasks; keyed by group."""
     base_ref, cal_ref = ray.put(copy.deepcopy(base).cpu()), ray.put(calibration.to("cpu"))
     task = sensitivity_chunk.options(num_cpus=cpus, num_gpus=gpus)
     refs = [task.remote(base_ref, cal_ref, target, bn_recalibration, chunk, ratio) for chunk in chunked(names, chunks)]
-    rows = [row for chunk_rows in ray.get(refs) for row in chunk_rows]
+    rows = [row for chunk_rows in gather(refs) for row in chunk_rows]
     return {row["group"]: row for row in rows}

@@ -9,6 +9,7 @@ writes it), and finish with the test top-1.
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -19,6 +20,7 @@ import torch
 from ..core.config import TrainConfig
 from ..core.pruning import ModelCard, replay_pruning
 from ..core.train import evaluate, train
+from .progress import post
 
 CHECKPOINT_FILE = "model.pt"
 
@@ -58,8 +60,16 @@ def train_worker(config: dict) -> None:
             ray.train.report({**metrics, "top1_before": top1_before, "device": str(device)}, checkpoint=checkpoint)
 
     cfg = TrainConfig.from_dict(config["train"])
-    train(net, train_set, cfg, device, on_epoch=lambda epoch, m: report({**m, "top1": float("nan")}),
-          rank=rank, world_size=world)
+    run_id, label = config.get("progress") or (None, None)
+    started = time.time()
+
+    def on_epoch(epoch: int, metrics: dict) -> None:
+        if rank == 0:
+            post(run_id, kind="epoch", label=label, epoch=epoch, epochs=cfg.epochs, loss=metrics["loss"],
+                 started=started)
+        report({**metrics, "top1": float("nan")})
+
+    train(net, train_set, cfg, device, on_epoch=on_epoch, rank=rank, world_size=world)
     report({"epoch": cfg.epochs, "top1": evaluate(model, test_set, device)["top1"]})
 
 
@@ -71,7 +81,7 @@ def _worker_resources(scaling: Scaling) -> dict[str, float]:
 
 
 def fit(card: ModelCard, history: list, state_dict: Mapping[str, torch.Tensor], data_ref: Any, cfg: TrainConfig,
-        scaling: Scaling, storage: str, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        scaling: Scaling, storage: str, name: str, progress: Optional[tuple[str, str]] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Train a (pruned) model through Ray Train; returns its final weights and last metrics."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -80,7 +90,7 @@ def fit(card: ModelCard, history: list, state_dict: Mapping[str, torch.Tensor], 
         train_worker,
         train_loop_config={"card": card.to_dict(), "history": history, "state_ref": ray.put(dict(state_dict)),
                            "data_ref": data_ref, "train": cfg.to_dict(),
-                           "cpus": scaling.cpus_per_worker},
+                           "cpus": scaling.cpus_per_worker, "progress": progress},
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=_worker_resources(scaling)),
         run_config=RunConfig(name=name, storage_path=storage),

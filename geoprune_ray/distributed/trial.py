@@ -95,7 +95,9 @@ def _finetune(config: dict, ctx: TrialContext, started: float, ratios: Any, r: f
         tune.report({**base, "delta_g": pruned["delta_g"], "ray_train": False, "phase": "pruned"})
     state, metrics = fit(ModelCard.from_dict(ctx.card), pruned["history"], pruned["state_dict"], ctx.data_ref,
                          TrainConfig.from_dict(ctx.finetune), ctx.scaling, ctx.train_storage,
-                         name=f"finetune-{config['arm']}-{r:.4f}-{os.getpid()}")
+                         name=f"finetune-{config['arm']}-{r:.4f}-{os.getpid()}",
+                         progress=(ctx.run_id, f"fine-tune {config['arm']}" + (f" step {config['step']}"
+                                                                               if config["kind"] == "step" else "")))
     dg_after = ray.get(actor.delta_of.remote(pruned["history"], state))
     tune.report({**base, "delta_g": pruned["delta_g"], "ray_train": True, "phase": "finetuned",
                  "top1": metrics["top1"], "top1_before_finetune": metrics["top1_before"], "delta_g_after": dg_after,

@@ -1,0 +1,135 @@
+"""Batches: several job specs run as concurrent pipelines on one Ray cluster, one combined table.
+
+A batch spec names shared ``defaults`` and a list of ``jobs``; each job is a job spec merged over
+the defaults. Locally, each pipeline is its own driver process attached to one Ray cluster (the
+embedded one the batch starts, or ``--address``), so the pipelines share the cluster's actors,
+trial slots and Ray Train workers. Each run directory is ``STORAGE/JOB_NAME``; the batch writes
+``batch.json`` (jobs, exit codes, times), ``batch.parquet``, ``batch.md`` and ``plots/batch.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from ..errors import GeopruneError
+from .job import JobSpec
+from .rundir import RunDir
+
+log = logging.getLogger("geoprune_ray")
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    name: str
+    jobs: tuple[JobSpec, ...]
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "BatchSpec":
+        if not isinstance(data, Mapping):
+            raise GeopruneError("the batch spec must be a mapping", "write name:, defaults: and jobs: (see jobs/)")
+        unknown = set(data) - {"name", "defaults", "jobs"}
+        if unknown:
+            raise GeopruneError(f"unknown batch-spec key '{sorted(unknown)[0]}'", "valid keys: name, defaults, jobs")
+        jobs = data.get("jobs")
+        if not isinstance(jobs, list) or not jobs:
+            raise GeopruneError("the batch spec has no jobs", "list at least one job under 'jobs:'")
+        defaults = data.get("defaults") or {}
+        if not isinstance(defaults, Mapping):
+            raise GeopruneError("batch 'defaults' must be a mapping", "write defaults: {protocol: ..., resources: ...}")
+        specs = []
+        for i, job in enumerate(jobs):
+            if not isinstance(job, Mapping) or not job.get("name"):
+                raise GeopruneError(f"batch job #{i + 1} has no name", "give every job a unique 'name:'")
+            try:
+                specs.append(JobSpec.from_dict(_merge(defaults, job)))
+            except GeopruneError as exc:
+                raise GeopruneError(f"batch job '{job['name']}': {exc.message}", exc.hint) from None
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise GeopruneError("batch job names repeat", "give every job a unique 'name:' (it names its run folder)")
+        return cls(str(data.get("name", "batch")), tuple(specs))
+
+
+def load_batch(path: str | Path) -> BatchSpec:
+    from ..app.spec import read_yaml
+
+    return BatchSpec.from_dict(read_yaml(path, "batch spec", "jobs/paper_cifar100.yaml"))
+
+
+def _merge(base: Mapping, over: Mapping) -> dict:
+    out = copy.deepcopy(dict(base))
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
+    return out
+
+
+def _pump(name: str, stream, sink) -> None:
+    for line in iter(stream.readline, ""):
+        sink.write(f"[{name}] {line}")
+        sink.flush()
+
+
+def run_batch(batch: BatchSpec, storage: str, address: Optional[str] = None) -> dict[str, Any]:
+    """Run every job of ``batch`` concurrently on one cluster; returns batch.json's record."""
+    import ray
+
+    from .pipeline import Pipeline, connect
+
+    out = RunDir(storage)
+    for spec in batch.jobs:  # a folder holding another job's run fails now, not after minutes
+        Pipeline(spec, out.uri(spec.name))
+    connect(address)
+    gcs = ray.get_runtime_context().gcs_address
+    record: dict[str, Any] = {"name": batch.name, "started": time.time(), "jobs": {}}
+    with tempfile.TemporaryDirectory(prefix="geoprune-batch-") as tmp:
+        procs = {}
+        for spec in batch.jobs:
+            job_file = Path(tmp) / f"{spec.name}.yaml"
+            job_file.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+            cmd = [sys.executable, "-m", "geoprune_ray.app.cli", "run", str(job_file), "--storage",
+                   out.uri(spec.name), "--address", gcs]
+            log.info("batch: starting %s", spec.name)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            pump = threading.Thread(target=_pump, args=(spec.name, proc.stdout, sys.stdout), daemon=True)
+            pump.start()
+            procs[spec.name] = (proc, pump)
+        try:
+            for name, (proc, pump) in procs.items():
+                record["jobs"][name] = {"exit_code": proc.wait()}
+                pump.join(timeout=5)
+        except KeyboardInterrupt:
+            for proc, _ in procs.values():
+                proc.terminate()
+            raise
+    record["finished"] = time.time()
+    summaries = {}
+    for spec in batch.jobs:
+        run = RunDir(out.uri(spec.name))
+        job = record["jobs"][spec.name]
+        job["run_dir"] = run.location
+        if job["exit_code"] == 0 and run.exists("summary.json"):
+            summaries[spec.name] = run.read_json("summary.json")
+            state = run.read_json("state.json")
+            job["stages"] = {k: {"started": v.get("started"), "finished": v.get("finished")}
+                             for k, v in state["stages"].items()}
+    out.write_json("batch.json", record)
+    if summaries:
+        from ..report import render_batch
+
+        log.info("batch report: %s", render_batch(out, summaries))
+    failed = [n for n, j in record["jobs"].items() if j["exit_code"] != 0]
+    if failed:
+        raise GeopruneError(f"batch jobs failed: {', '.join(failed)}",
+                            f"see their lines above; 'geoprune batch' again with the same --storage resumes them")
+    return record

@@ -1,0 +1,101 @@
+"""Live progress: one line per event on the driver, with elapsed time and an ETA.
+
+Work that runs far from the driver (Ray Train workers inside Tune trials) posts its events to a
+small named actor, the run's progress board; the driver drains it from a background thread.
+Work the driver waits on itself (probes, sensitivity tasks) is reported as its results arrive.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Optional, Sequence
+
+import ray
+
+log = logging.getLogger("geoprune_ray")
+
+
+def board_name(run_id: str) -> str:
+    return f"geoprune-{run_id}-progress"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class ProgressBoard:
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def post(self, event: dict) -> None:
+        self.events.append(event)
+
+    def since(self, index: int) -> list[dict]:
+        return self.events[index:]
+
+
+def post(run_id: Optional[str], **event: Any) -> None:
+    """Best effort, fire and forget: progress never fails the work it describes."""
+    if not run_id:
+        return
+    try:
+        ray.get_actor(board_name(run_id)).post.remote({"time": time.time(), **event})
+    except Exception:  # noqa: BLE001 - no board (e.g. a test without a driver): nothing to tell
+        pass
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Progress:
+    """The driver's side: owns the board, prints what is posted, times stages."""
+
+    def __init__(self, run_id: str, poll_s: float = 1.0):
+        self.started = time.time()
+        self.board = ProgressBoard.options(name=board_name(run_id), get_if_exists=True).remote()
+        self._seen = 0
+        self._stop = threading.Event()
+        self._first: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._loop, args=(poll_s,), daemon=True)
+        self._thread.start()
+
+    def elapsed(self) -> str:
+        return fmt_duration(time.time() - self.started)
+
+    def _loop(self, poll_s: float) -> None:
+        while not self._stop.wait(poll_s):
+            self.drain()
+
+    def drain(self) -> None:
+        try:
+            events = ray.get(self.board.since.remote(self._seen), timeout=10)
+        except Exception:  # noqa: BLE001 - the board restarts; try again next poll
+            return
+        self._seen += len(events)
+        for e in events:
+            if e.get("kind") == "epoch":
+                label, epoch, epochs = e["label"], e["epoch"], e["epochs"]
+                first = self._first.setdefault(label, e.get("started", e["time"]))
+                per_epoch = (e["time"] - first) / max(epoch, 1)
+                loss = f", loss {e['loss']:.4f}" if isinstance(e.get("loss"), float) else ""
+                log.info("%s: epoch %d/%d%s, %.1f s/epoch, ETA %s [elapsed %s]", label, epoch, epochs, loss,
+                         per_epoch, fmt_duration(per_epoch * (epochs - epoch)), self.elapsed())
+
+    def gather(self, refs: Sequence[ray.ObjectRef], label: str, unit: str) -> list[Any]:
+        """``ray.get(refs)`` in order, logging 'label k/n unit done' as each finishes, with an ETA."""
+        refs = list(refs)
+        pending, done, started = list(refs), 0, time.time()
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            done += len(ready)
+            per_item = (time.time() - started) / done
+            log.info("%s: %d/%d %s done, ETA %s [elapsed %s]", label, done, len(refs), unit,
+                     fmt_duration(per_item * len(pending)), self.elapsed())
+        return ray.get(refs)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.drain()
+        ray.kill(self.board)

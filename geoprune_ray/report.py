@@ -1,0 +1,278 @@
+"""Reports rendered from a run directory's artifacts alone: ``report.md`` and PNG plots.
+
+Each ``plot_*`` function takes the rows it draws (as read from the parquet files and
+``summary.json``) and returns a matplotlib ``Figure``; ``render_report`` writes them under
+``plots/`` and links them from ``report.md``. A batch report puts several runs side by side.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any, Iterable, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .distributed.rundir import RunDir  # noqa: E402
+from .errors import GeopruneError  # noqa: E402
+
+PLOTS = ("probes", "trajectory", "groups", "accuracy_macs", "speed")
+ARM_LABELS = {"baseline": "Baseline", "gc": "GC (τ = 0.07)", "adaptive": "Adaptive GC", "uniform": "Uniform L2"}
+ARM_COLORS = {"baseline": "tab:gray", "gc": "tab:orange", "adaptive": "tab:blue", "uniform": "tab:green"}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plot_probes(probes: Sequence[dict], g_noise: float, tau: float) -> Figure:
+    """The ΔG probe sample against the probe ratio, with G_noise and τ marked."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([p["ratio"] for p in probes], [p["delta_g"] for p in probes], color="tab:blue", zorder=3,
+               label=f"probes (M = {len(probes)})")
+    ax.axhline(g_noise, color="tab:gray", linestyle=":", label=f"G_noise = {g_noise:.4f}")
+    ax.axhline(tau, color="tab:red", linestyle="--", label=f"τ = G_noise + β·std(ΔG) = {tau:.4f}")
+    ax.set(xlabel="probe pruning ratio", ylabel="ΔG (after BN recalibration)", title="ΔG probe sample")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_trajectory(steps: Sequence[dict], tau: float) -> Figure:
+    """The controller's trajectory: r_t (top) and ΔG_t against τ (bottom), step by step."""
+    steps = sorted((s for s in steps if _finite(s.get("delta_g"))), key=lambda s: s["step"])
+    fig, (ax_r, ax_g) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    x = [s["step"] for s in steps]
+    ax_r.plot(x, [s["r"] for s in steps], marker="o", color="tab:blue", label="r_t")
+    ax_r.set(ylabel="pruning ratio r_t", title="Controller trajectory")
+    ax_r.grid(alpha=0.3)
+    accepted = [s for s in steps if s["accepted"]]
+    rejected = [s for s in steps if not s["accepted"]]
+    ax_g.plot(x, [s["delta_g"] for s in steps], color="tab:gray", alpha=0.5)
+    ax_g.scatter([s["step"] for s in accepted], [s["delta_g"] for s in accepted], marker="o", color="tab:green",
+                 zorder=3, label="accepted (ΔG ≤ τ)")
+    ax_g.scatter([s["step"] for s in rejected], [s["delta_g"] for s in rejected], marker="x", color="tab:red",
+                 zorder=3, label="rejected (ΔG > τ)")
+    ax_g.axhline(tau, color="tab:red", linestyle="--", label=f"τ = {tau:.4f}")
+    ax_g.set(xlabel="controller step t", ylabel="ΔG_t")
+    ax_g.set_xticks(x)
+    ax_g.legend(fontsize=8)
+    ax_g.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_groups(groups: Sequence[dict]) -> Figure:
+    """Per-group pruning ratios at r*, with each group's kept/total channels: which layers the method spares."""
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(groups) + 2), 4))
+    x = range(len(groups))
+    bars = ax.bar(x, [g["ratio"] for g in groups], color="tab:blue")
+    for bar, g in zip(bars, groups):
+        kept = g["channels"] - round(g["channels"] * g["ratio"])
+        ax.annotate(f"{kept}/{g['channels']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=7, rotation=90 if len(groups) > 12 else 0)
+    ax.set_xticks(list(x), [g["group"] for g in groups], rotation=90 if len(groups) > 12 else 0, fontsize=7)
+    top = max([g["ratio"] for g in groups] + [0.05])
+    ax.set(xlabel="dependency group (root layer)", ylabel="pruning ratio", ylim=(0, top * 1.3),
+           title="Per-group ratios at r* (labels: kept / total channels)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_macs(finetuned: Sequence[dict]) -> Figure:
+    """Top-1 after fine-tuning against MACs, for every fine-tuned trial (arms and, if any, accepted steps)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_label: dict[str, list[dict]] = {}
+    for t in finetuned:
+        by_label.setdefault(t.get("arm") or "step", []).append(t)
+    for label, rows in by_label.items():
+        ax.scatter([t["macs"] / 1e6 for t in rows], [t["top1"] for t in rows], s=50, zorder=3,
+                   color=ARM_COLORS.get(label, "tab:purple"), label=ARM_LABELS.get(label, "accepted step (fine-tuned)"))
+    ax.set(xlabel="MACs (M)", ylabel="top-1 after fine-tuning (%)", title="Accuracy vs compute")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_speed(speed: dict) -> Figure:
+    """Measured throughput of the base and pruned models at each batch size (medians)."""
+    rows = speed["rows"]
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.5))
+    axes = list(axes) if len(rows) > 1 else [axes]
+    for ax, row in zip(axes, rows):
+        ax.bar([0, 1], [row["base_throughput"], row["pruned_throughput"]], color=["tab:gray", "tab:blue"])
+        ax.set_xticks([0, 1], ["base", "pruned"])
+        ax.set(title=f"batch {row['batch']}: speed-up {row['speedup']:.2f}×", ylabel="images / s")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"Inference on {speed['device_name']} ({_threads(speed)}), medians of repeated timings", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _threads(speed: dict) -> str:
+    return f"{speed['threads']} CPU thread{'s' if speed['threads'] != 1 else ''}"
+
+
+def _millions(value: float) -> str:
+    return f"{value:.3f}" if value >= 1 else f"{value:.4f}"
+
+
+def figures(summary: dict, probes: list[dict], groups: list[dict], trials: list[dict]) -> dict[str, Figure]:
+    finetuned = [t for t in trials if _finite(t.get("top1")) and _finite(t.get("macs"))]
+    figs = {"probes": plot_probes(probes, summary["g_noise"], summary["tau"]),
+            "trajectory": plot_trajectory([t for t in trials if t["kind"] == "step"], summary["tau"]),
+            "groups": plot_groups(groups),
+            "accuracy_macs": plot_accuracy_macs(finetuned)}
+    if summary.get("speed"):
+        figs["speed"] = plot_speed(summary["speed"])
+    return figs
+
+
+def read_run(run: RunDir) -> tuple[dict, list[dict], list[dict], list[dict]]:
+    missing = [n for n in ("summary.json", "probes.parquet", "sensitivity.parquet", "trials.parquet")
+               if not run.exists(n)]
+    if missing:
+        raise GeopruneError(f"{run.location} is not a finished geoprune run directory (no {', '.join(missing)})",
+                            "pass the --storage folder of a run that finished, or resume it with 'geoprune resume'")
+    return (run.read_json("summary.json"), run.read_table("probes.parquet"), run.read_table("sensitivity.parquet"),
+            run.read_table("trials.parquet"))
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def arms_table(arms: Iterable[dict]) -> str:
+    """The paper-style table: Method | Top-1 | Params (M) | MACs (M) | ΔG."""
+    lines = ["| Method | Top-1 (%) | Params (M) | MACs (M) | ΔG |", "|---|---|---|---|---|"]
+    for row in arms:
+        lines.append(f"| {row['method']} | {row['top1']:.2f} | {_millions(row['params_m'])} | {_millions(row['macs_m'])} | "
+                     f"{row['delta_g']:.4f} |")
+    return "\n".join(lines)
+
+
+def speed_table(speed: dict) -> str:
+    lines = ["| Batch | Base latency (ms) | Pruned latency (ms) | Base img/s | Pruned img/s | Speed-up |",
+             "|---|---|---|---|---|---|"]
+    for r in speed["rows"]:
+        lines.append(f"| {r['batch']} | {r['base_latency_ms']:.3f} | {r['pruned_latency_ms']:.3f} | "
+                     f"{r['base_throughput']:.0f} | {r['pruned_throughput']:.0f} | {r['speedup']:.2f}× |")
+    return "\n".join(lines)
+
+
+def markdown(summary: dict, trials: list[dict], groups: list[dict], plots: Sequence[str]) -> str:
+    s, p, b, c = summary, summary["pruned"], summary["baseline"], summary["controller"]
+    job = s["job"]
+    lines = [f"# geoprune run {s['run_id']}: {job['name']}", "",
+             f"**{s['model']['arch']}** (width {job['model']['width']}) on **{s['dataset']['name']}** "
+             f"({s['dataset']['train_size']} train / {s['dataset']['test_size']} test images, "
+             f"{s['dataset']['calibration_size']} calibration images).", "",
+             "## Result", "",
+             f"- r* = **{c['r_star']:.4f}** after {len(c['steps'])} controller steps ({c['stop_reason']}); "
+             f"channel-weighted mean ratio {p['mean_ratio']:.4f}.",
+             f"- G_noise = {s['g_noise']:.4f}, τ = {s['tau']:.4f} (β = {s['config']['method']['beta']}).",
+             f"- MACs {b['macs'] / 1e6:.3f} M → {p['macs'] / 1e6:.3f} M (×{p['macs_ratio']:.3f}); "
+             f"params {b['params'] / 1e6:.4f} M → {p['params'] / 1e6:.4f} M (×{p['params_ratio']:.3f}).",
+             f"- Top-1 {b['top1']:.2f}% (baseline) → {p['top1_before_finetune']:.2f}% (pruned) → "
+             f"**{p['top1']:.2f}%** after fine-tuning.",
+             f"- ΔG {p['delta_g_before_finetune']:.4f} before fine-tuning (≤ τ), "
+             f"{p['delta_g_after_finetune']:.4f} after.", "",
+             "## Comparison", "", arms_table(s["arms"]), "",
+             "All arms share one fine-tune recipe: "
+             f"{s['config']['finetune']['epochs']} epochs, batch {s['config']['finetune']['batch_size']}, "
+             f"lr {s['config']['finetune']['lr']:g}. No decision looked at the test split.", ""]
+    if s.get("speed"):
+        sp = s["speed"]
+        lines += ["## Inference speed", "",
+                  f"Medians of repeated timings on {sp['device_name']} ({sp['device']}, {_threads(sp)}); "
+                  f"MACs ratio ×{p['macs_ratio']:.3f}.", "", speed_table(sp), ""]
+    steps = sorted((t for t in trials if t["kind"] == "step"), key=lambda t: t["step"])
+    lines += ["## Controller steps", "", "| t | r_t | ΔG_t | accepted | MACs (M) |", "|---|---|---|---|---|"]
+    for t in steps:
+        dg = f"{t['delta_g']:.4f}" if _finite(t.get("delta_g")) else "failed"
+        macs = f"{t['macs'] / 1e6:.3f}" if _finite(t.get("macs")) else ""
+        lines.append(f"| {t['step']} | {t['r']:.4f} | {dg} | {'yes' if t.get('accepted') else 'no'} | {macs} |")
+    lines += ["", "## Per-group ratios", "", "| group | channels | ΔG_L | τ_L | ratio | kept |", "|---|---|---|---|---|---|"]
+    for g in groups:
+        kept = g["channels"] - round(g["channels"] * g["ratio"])
+        lines.append(f"| {g['group']} | {g['channels']} | {g['delta_g']:.4f} | {g['tau_l']:.3f} | {g['ratio']:.4f} | "
+                     f"{kept} |")
+    lines += ["", "## Plots", ""]
+    captions = {"probes": "ΔG probe sample with G_noise and τ", "trajectory": "Controller trajectory",
+                "groups": "Per-group pruning ratios", "accuracy_macs": "Top-1 vs MACs of fine-tuned trials",
+                "speed": "Inference throughput, base vs pruned"}
+    lines += [f"![{captions[name]}](plots/{name}.png)" for name in plots]
+    timings = s.get("timings_s", {})
+    if timings:
+        lines += ["", "## Stage times", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    prov = s["provenance"]
+    lines += ["", "## Provenance", "", ", ".join(f"{k}: {v}" for k, v in prov.items() if not isinstance(v, dict)), ""]
+    return "\n".join(lines)
+
+
+def render_report(run: RunDir | str) -> str:
+    """Write ``plots/*.png`` and ``report.md`` into the run directory; returns report.md's location."""
+    run = RunDir(run) if isinstance(run, str) else run
+    summary, probes, groups, trials = read_run(run)
+    figs = figures(summary, probes, groups, trials)
+    for name, fig in figs.items():
+        run.write_bytes(f"plots/{name}.png", _png(fig))
+    run.write_bytes("report.md", markdown(summary, trials, groups, list(figs)).encode())
+    return run.uri("report.md")
+
+
+# -- batches -------------------------------------------------------------------------------------
+
+def batch_rows(runs: dict[str, dict]) -> list[dict[str, Any]]:
+    """One row per (run, arm): the combined table of a batch."""
+    rows = []
+    for name, summary in runs.items():
+        base_macs = summary["baseline"]["macs"]
+        for arm in summary["arms"]:
+            rows.append({"run": name, "arch": summary["model"]["arch"], "dataset": summary["dataset"]["name"],
+                         "method": arm["method"], "arm": arm["arm"], "top1": arm["top1"], "params_m": arm["params_m"],
+                         "macs_m": arm["macs_m"], "macs_ratio": arm["macs_m"] * 1e6 / base_macs,
+                         "delta_g": arm["delta_g"], "r_star": summary["controller"]["r_star"], "tau": summary["tau"]})
+    return rows
+
+
+def plot_batch(rows: Sequence[dict]) -> Figure:
+    """Architectures side by side: top-1 against the fraction of MACs kept, one panel per run."""
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], runs):
+        for r in (r for r in rows if r["run"] == name):
+            ax.scatter([r["macs_ratio"]], [r["top1"]], s=50, color=ARM_COLORS.get(r["arm"], "tab:purple"),
+                       label=r["method"], zorder=3)
+        ax.set(title=name, xlabel="MACs kept (fraction of baseline)", ylabel="top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def render_batch(out: RunDir, runs: dict[str, dict], started: Optional[dict[str, Any]] = None) -> str:
+    """``batch.md``, ``batch.parquet`` and ``plots/batch.png`` for runs (name → summary)."""
+    rows = batch_rows(runs)
+    out.write_table("batch.parquet", rows)
+    out.write_bytes("plots/batch.png", _png(plot_batch(rows)))
+    lines = ["# geoprune batch", "", "| Run | Model | Dataset | Method | Top-1 (%) | Params (M) | MACs (M) | MACs kept | ΔG |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['arch']} | {r['dataset']} | {r['method']} | {r['top1']:.2f} | "
+                     f"{r['params_m']:.3f} | {r['macs_m']:.2f} | {r['macs_ratio']:.3f} | {r['delta_g']:.4f} |")
+    lines += ["", "![top-1 vs MACs kept, per architecture](plots/batch.png)", ""]
+    lines += [f"- {name}: [report]({name}/report.md)" for name in runs]
+    out.write_bytes("batch.md", ("\n".join(lines) + "\n").encode())
+    return out.uri("batch.md")
