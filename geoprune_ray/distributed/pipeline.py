@@ -336,10 +336,12 @@ def wait_for_gpus(timeout_s: float) -> dict[str, float]:
 
 
 def whole_nodes(scaling: Scaling) -> Scaling:
-    """The baseline runs before any actor exists: give each worker a whole node's CPUs (and a whole GPU)."""
+    """The baseline runs before any actor exists: give each worker the CPUs free on a node now (all of an idle
+    node's, what other pipelines leave of a shared one) and a whole GPU."""
+    free = ray.available_resources().get("CPU", 0)
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-    return Scaling(scaling.workers, scaling.use_gpu, max(scaling.cpus_per_worker, node_cpus),
-                   1.0 if scaling.use_gpu else 0.0)
+    cpus = max(scaling.cpus_per_worker, min(node_cpus, free // scaling.workers))
+    return Scaling(scaling.workers, scaling.use_gpu, cpus, 1.0 if scaling.use_gpu else 0.0)
 
 
 def gpu_shares(res, gpus: float) -> tuple[float, float]:
