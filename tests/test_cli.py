@@ -28,19 +28,13 @@ def _run(*args):
                           timeout=300)
 
 
+# In real processes (exit status and stderr as a shell sees them); tests/test_bad_input.py walks the full table.
 @pytest.mark.parametrize("args,needle", [
     (["inspect", "resnet7"], "unknown model"),
     (["prune", "--model", "convnet", "--dataset", "mnist9", "--out", "OUT"], "unknown dataset"),
-    (["prune", "--model", "convnet", "--dataset", "fashion-mnist", "--data-dir", "/no/dir", "--out", "OUT"],
-     "does not exist"),
     (["prune", "--model", "convnet", "--dataset", "digits", "--out", "OUT", "--set", "r_max=1.2"], "outside (0, 1)"),
-    (["prune", "--model", "convnet", "--dataset", "digits", "--out", "OUT", "--set", "tau=0.1"], "unknown"),
-    (["prune", "--model", "convnet", "--dataset", "digits", "--out", "OUT", "--weights", "/no/w.pt"], "does not exist"),
-    (["frobnicate"], "invalid choice"),
-    (["run", "NOJOB"], "does not exist"),
     (["run", "BADKEY"], "did you mean 'protocol'"),
     (["run", "GPUJOB", "--storage", "OUT"], "has no GPU"),
-    (["run", "GPUJOB", "--storage", "FILE/run"], "is a file, not a folder"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, needle, tmp_path):
     (tmp_path / "bad.yaml").write_text("name: x\nprotocl: {}\n")

@@ -103,5 +103,8 @@ def test_interrupted_driver_resumes_without_rerunning_steps(full_run, digits_wei
     early = steps[steps["step"] <= 1]
     assert len(early) == 2 and (early["started"] < interrupted_at).all()
     assert "restoring the Tune experiment" in (tmp_path / "second.log").read_text()
+    first_log, second_log = log_path.read_text(), (tmp_path / "second.log").read_text()
+    assert "probes: 8/8 probes done" in first_log and "sensitivity (5 groups): " in first_log  # live progress
+    assert "fine-tune adaptive: epoch 2/2" in second_log and "ETA" in second_log
     assert summary["controller"]["r_star"] == uninterrupted["controller"]["r_star"]
     assert summary["tau"] == pytest.approx(uninterrupted["tau"], abs=1e-9)
