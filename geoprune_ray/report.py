@@ -91,9 +91,13 @@ def plot_accuracy_macs(finetuned: Sequence[dict]) -> Figure:
     by_label: dict[str, list[dict]] = {}
     for t in finetuned:
         by_label.setdefault(t.get("arm") or "step", []).append(t)
-    for label, rows in by_label.items():
-        ax.scatter([t["macs"] / 1e6 for t in rows], [t["top1"] for t in rows], s=50, zorder=3,
-                   color=ARM_COLORS.get(label, "tab:purple"), label=ARM_LABELS.get(label, "accepted step (fine-tuned)"))
+    for i, (label, rows) in enumerate(by_label.items()):
+        name = ARM_LABELS.get(label, "accepted step (fine-tuned)")
+        ax.scatter([t["macs"] / 1e6 for t in rows], [t["top1"] for t in rows], s=50, zorder=3, alpha=0.8,
+                   color=ARM_COLORS.get(label, "tab:purple"), label=name)
+        for t in rows:  # named in place: arms at the same point (GC at r = 0 and Baseline) stay visible
+            ax.annotate(name if label in ARM_LABELS else f"r={t['r']:.3f}", (t["macs"] / 1e6, t["top1"]),
+                        xytext=(6, 4 + 9 * (i % 3)), textcoords="offset points", fontsize=7)
     ax.set(xlabel="MACs (M)", ylabel="top-1 after fine-tuning (%)", title="Accuracy vs compute")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

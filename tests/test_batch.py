@@ -30,8 +30,8 @@ def test_batch_runs_two_architectures_concurrently(ray_cluster, digits_weights, 
                           "protocol": {"finetune_epochs": 1, "batch_size": 64, "lr": 0.1, "arms": ["adaptive"]},
                           "resources": {"probe_actors": 1, "cpus_per_actor": 0.25, "cpus_per_worker": 0.5}},
              "jobs": [{"name": "convnet", "model": {"name": "convnet", "width": 0.5, "weights": str(digits_weights)}},
-                      {"name": "resnet18", "model": {"name": "resnet18", "width": 0.125,
-                                                     "weights": str(resnet_weights)}}]}
+                      {"name": "resnet18", "model": {"name": "resnet18", "width": 0.125, "input_size": 8,
+                                                     "weights": str(resnet_weights)}}]}  # trained at 8×8
     (tmp_path / "batch.yaml").write_text(yaml.safe_dump(batch))
     storage = tmp_path / "runs"
     assert main(["batch", str(tmp_path / "batch.yaml"), "--storage", str(storage)]) == 0
@@ -53,6 +53,7 @@ def test_batch_runs_two_architectures_concurrently(ray_cluster, digits_weights, 
     for r in rows:
         summary = json.loads((storage / r["run"] / "summary.json").read_text())
         assert r["top1"] == summary["pruned"]["top1"] and r["macs_ratio"] < 1
+        assert summary["baseline"]["top1"] > 80 and r["top1"] > 80  # both are real, trained models
     table = (storage / "batch.md").read_text()
     assert "| convnet | convnet | digits | Adaptive GC |" in table and "| resnet18 | resnet18 |" in table
     assert (storage / "plots" / "batch.png").stat().st_size > 0

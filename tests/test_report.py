@@ -20,14 +20,20 @@ def artifacts(full_run):
 
 
 def _offsets(collection):
-    return [tuple(map(float, xy)) for xy in collection.get_offsets()]
+    return np.asarray(collection.get_offsets(), dtype=float).reshape(-1, 2)
+
+
+def _same_points(drawn, *columns):
+    """The (x, y) points drawn equal the columns, in order (as flat arrays, so any pytest version compares)."""
+    np.testing.assert_allclose(drawn, np.column_stack([np.asarray(c, dtype=float) for c in columns]).reshape(-1, 2),
+                               rtol=1e-9, atol=1e-12)
 
 
 def test_probe_plot_draws_the_probe_sample_with_g_noise_and_tau(artifacts):
     storage, summary, _, _, _, figs = artifacts
     probes = pq.read_table(storage / "probes.parquet").to_pandas()
     ax = figs["probes"].axes[0]
-    assert _offsets(ax.collections[0]) == pytest.approx(list(zip(probes["ratio"], probes["delta_g"])))
+    _same_points(_offsets(ax.collections[0]), probes["ratio"], probes["delta_g"])
     levels = sorted(line.get_ydata()[0] for line in ax.lines)
     assert levels == pytest.approx(sorted([summary["g_noise"], summary["tau"]]))
 
@@ -41,8 +47,8 @@ def test_trajectory_plot_draws_the_controller_steps(artifacts):
     accepted, rejected = ax_g.collections
     acc = steps[steps["accepted"].astype(bool)]
     rej = steps[~steps["accepted"].astype(bool)]
-    assert _offsets(accepted) == pytest.approx(list(zip(acc["step"], acc["delta_g"])))
-    assert _offsets(rejected) == pytest.approx(list(zip(rej["step"], rej["delta_g"])))
+    _same_points(_offsets(accepted), acc["step"], acc["delta_g"])
+    _same_points(_offsets(rejected), rej["step"], rej["delta_g"])
     assert len(rej) >= 1
     assert [line.get_ydata()[0] for line in ax_g.lines if len(set(line.get_ydata())) == 1] == [summary["tau"]]
 
@@ -62,8 +68,9 @@ def test_accuracy_plot_draws_every_finetuned_trial(artifacts):
     storage, summary, *_, figs = artifacts
     trials = pq.read_table(storage / "trials.parquet").to_pandas()
     tuned = trials[trials["top1"].notna()]
-    drawn = sorted(xy for c in figs["accuracy_macs"].axes[0].collections for xy in _offsets(c))
-    assert drawn == pytest.approx(sorted(zip(tuned["macs"] / 1e6, tuned["top1"])))
+    drawn = np.concatenate([_offsets(c) for c in figs["accuracy_macs"].axes[0].collections])
+    expected = np.column_stack([tuned["macs"] / 1e6, tuned["top1"]])
+    _same_points(drawn[np.lexsort(drawn.T[::-1])], *expected[np.lexsort(expected.T[::-1])].T)
     assert len(drawn) == len(summary["arms"]) == 4
 
 
