@@ -275,7 +275,8 @@ def render_batch(out: RunDir, runs: dict[str, dict], started: Optional[dict[str,
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['arch']} | {r['dataset']} | {r['method']} | {r['top1']:.2f} | "
-                     f"{r['params_m']:.3f} | {r['macs_m']:.2f} | {r['macs_ratio']:.3f} | {r['delta_g']:.4f} |")
+                     f"{_millions(r['params_m'])} | {_millions(r['macs_m'])} | {r['macs_ratio']:.3f} | "
+                     f"{r['delta_g']:.4f} |")
     lines += ["", "![top-1 vs MACs kept, per architecture](plots/batch.png)", ""]
     lines += [f"- {name}: [report]({name}/report.md)" for name in runs]
     out.write_bytes("batch.md", ("\n".join(lines) + "\n").encode())
