@@ -68,3 +68,11 @@ def test_bad_train_config():
         TrainConfig(schedule="step")
     with pytest.raises(GeopruneError, match="unknown TrainConfig keys: lrr"):
         TrainConfig.from_dict({"lrr": 0.1})
+
+
+@pytest.mark.parametrize("n", [64, 128, 256])
+def test_a_handful_of_steps_trains_with_a_constant_lr(digits, n):
+    """1 to 4 steps in all (a tiny fine-tune set); OneCycleLR divided by zero at exactly 4."""
+    data = digits[0].subset(torch.arange(n))
+    history = train(build_model("convnet", 10, width=0.25), data, TrainConfig(epochs=1, batch_size=64, lr=0.1), "cpu")
+    assert len(history) == 1 and history[0]["loss"] > 0

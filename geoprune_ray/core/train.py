@@ -83,6 +83,8 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    if total_steps < 8:  # too few steps to warm up and anneal (OneCycleLR divides by zero): a constant LR
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.25)
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
