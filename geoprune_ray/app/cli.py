@@ -183,6 +183,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ..bench import run_bench
+
+    result = run_bench(args.output, args.quick, args.device)
+    print((Path(args.output) / "bench.md").read_text())
+    return 0 if result else 1
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from .submit import submit
 
@@ -311,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: geoprune report runs/quickstart")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="measure training throughput, the data path, probe steps and the probe pool",
+                       epilog="example: geoprune bench --quick --output runs/bench")
+    p.add_argument("--output", required=True, help="folder for bench.json and bench.md")
+    p.add_argument("--quick", action="store_true", help="a reduced run for a CPU (minutes)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="export a run's pruned model, checked against PyTorch's outputs",
                        epilog="example: geoprune export runs/quickstart --format onnx")
