@@ -2,13 +2,15 @@
 
 Done so far: training throughput of the three paper models against a plain PyTorch loop, the data
 path, one probe step and its parts (``core``), and the probe-actor pool's speed-up over sequential
-probes with the same total threads (``pool``). Still to come (issue 5): the Ray Train launch cost,
-the pipeline's wall time by stage and its search overhead, inference speed, peak memory.
+probes with the same total threads (``pool``), the cost of one Ray Train launch, a reduced pipeline's
+wall time by stage with its search overhead, inference speed and peak memory (``pipeline``). Still to
+come (issue 5): GPU memory per probe actor, the evidence runs, BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,8 +21,13 @@ def run_bench(output: str, quick: bool, device: Optional[str] = None) -> dict[st
     from .pool import run_pool
 
     result: dict[str, Any] = {"quick": quick, "core": run_core(quick, device)}
+    started = time.perf_counter()
     connect(None)
+    result["ray_startup_s"] = time.perf_counter() - started  # one-time; the pipeline below joins this Ray
     result["pool"] = run_pool(quick)
+    from .pipeline import run_pipeline
+
+    result.update(run_pipeline(quick))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
@@ -47,6 +54,20 @@ def markdown(result: dict[str, Any]) -> str:
               f"| … copy + prune (s) | {p['copy_and_prune_s']:.3f} |",
               f"| … BN recalibration (s) | {p['recalibrate_s']:.3f} |",
               f"| … features + ΔG (s) | {p['features_and_delta_g_s']:.3f} |",
+              f"| Ray start-up, one-time (s) | {result['ray_startup_s']:.1f} |",
               f"| probe pool: {pool['probes']} probes, {pool['actors']} actors vs 1 process with "
-              f"{pool['threads_total']} threads: speed-up | {pool['speedup']:.2f}× |", ""]
+              f"{pool['threads_total']} threads: speed-up | {pool['speedup']:.2f}× |"]
+    if "pipeline" in result:
+        pl, t = result["pipeline"], result["pipeline"]["timings_s"]
+        lines += [f"| one Ray Train launch (0 epochs) (s) | {result['train_launch']['launch_s']:.1f} |",
+                  f"| reduced pipeline wall time (s) | {pl['wall_s']:.1f} |"]
+        lines += [f"| … {k} (s) | {v:.1f} |" for k, v in t.items()]
+        overhead = pl["search_overhead"]
+        lines += [f"| search overhead: (probes + sensitivity + controller) / final fine-tune | "
+                  f"{overhead:.2f} |" if overhead is not None else "| search overhead | n/a |",
+                  f"| peak memory, all processes (PSS, GiB) | {pl['peak_pss_gib']:.2f} |"]
+        for row in (pl.get("speed") or {}).get("rows", []):
+            lines.append(f"| inference batch {row['batch']}: base / pruned latency (ms), speed-up | "
+                         f"{row['base_latency_ms']:.2f} / {row['pruned_latency_ms']:.2f}, {row['speedup']:.2f}× |")
+    lines.append("")
     return "\n".join(lines)

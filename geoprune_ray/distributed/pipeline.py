@@ -175,6 +175,8 @@ class Pipeline:
         pool = ProbePool(model, calibration, target, cfg.bn_recalibration,
                          PoolSpec(spec.resources.probe_actors, spec.resources.cpus_per_actor, gpus_per_actor),
                          self.state["run_id"])
+        self.timings["actor_startup"] = time.time() - started  # one-time start-up, reported beside the stages
+        started = time.time()
         if not self.stage("probes"):
             noise = ray.get(pool.actors[0].noise.remote(cfg.noise_splits, cfg.seed))
             ratios = probe_ratios(cfg.probes, cfg.r_probe_max, cfg.seed)
@@ -390,5 +392,7 @@ def run_job(spec: JobSpec, storage: str, address: Optional[str] = None) -> dict[
     """Run (or resume) ``spec`` with every artifact under ``storage``; returns the summary."""
     pipeline = Pipeline(spec, storage)  # checks the run directory before a cluster is started
     pipeline.preflight()  # and the model, weights and data
+    started = time.time()
     connect(address)
+    pipeline.timings["ray_startup"] = time.time() - started  # one-time: 0 when joining a running cluster
     return pipeline.run_all()
