@@ -49,13 +49,16 @@ def dashboard_address(address: Optional[str]) -> str:
 
 
 def client(address: Optional[str]):
+    """A ``JobSubmissionClient`` for the dashboard at ``address`` (its URL is the client's ``url``)."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     url = dashboard_address(address)
     token = auth_token()
     try:
-        return JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"} if token else None)
+        jobs = JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"} if token else None)
+        jobs.url = url
+        return jobs
     except AuthenticationError as exc:
         raise GeopruneError(f"the Ray cluster at {url} refused us: {str(exc).splitlines()[0]}",
                             "set RAY_AUTH_TOKEN, or put the token in ~/.ray/auth_token ('ray get-auth-token' on "
@@ -77,8 +80,8 @@ def auth_token() -> Optional[str]:
         return None
 
 
-def _stage(job: Path, workdir: Path) -> tuple[dict, str]:
-    """Copy the job spec (and a local weights file it names) into ``workdir``; returns (spec dict, name)."""
+def _stage(job: Path, workdir: Path) -> str:
+    """Copy the job spec (and a local weights file it names) into ``workdir``; returns the job's name."""
     from .spec import load_spec
 
     spec = load_spec(job)  # validated here: bad input fails before anything is sent
@@ -90,7 +93,7 @@ def _stage(job: Path, workdir: Path) -> tuple[dict, str]:
         shutil.copy(weights, workdir / Path(weights).name)
         data["model"]["weights"] = Path(weights).name
     (workdir / "job.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    return data, spec.name
+    return spec.name
 
 
 def runtime_env(workdir: Path, pip: bool) -> dict[str, Any]:
@@ -113,7 +116,7 @@ def _installed(name: str) -> bool:
 
 def submit_one(jobs_client, job: str | Path, storage: Optional[str], pip: bool) -> tuple[str, str]:
     with tempfile.TemporaryDirectory(prefix="geoprune-submit-") as tmp:
-        data, name = _stage(Path(job), Path(tmp))
+        name = _stage(Path(job), Path(tmp))
         storage = storage or f"~/geoprune-runs/{name}"
         entrypoint = (f"python -m geoprune_ray.app.cli run job.yaml --storage "
                       f"{storage if storage.startswith('~/') else shlex.quote(storage)}")
@@ -126,7 +129,7 @@ def submit(job: str, address: Optional[str], storage: Optional[str], pip: bool =
     jobs = client(address)
     job_id, storage = submit_one(jobs, job, storage, pip)
     print(f"submitted {job_id}; run directory: {storage} (as the cluster sees it)")
-    print(f"follow: geoprune status {job_id} --address {dashboard_address(address)}")
+    print(f"follow: geoprune status {job_id} --address {jobs.url}")
     if not follow:
         return 0
     return _follow(jobs, job_id)

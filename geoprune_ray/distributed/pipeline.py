@@ -140,7 +140,7 @@ class Pipeline:
         gpus_per_actor, gpus_per_worker = gpu_shares(spec.resources, gpus if use_gpu else 0)
         scaling = Scaling(spec.resources.workers, use_gpu, spec.resources.cpus_per_worker, gpus_per_worker)
         model, train_set, test_set, card = self.preflight()
-        self.progress = progress = Progress(self.state["run_id"])
+        progress = Progress(self.state["run_id"])
         try:
             return self._run(spec, cfg, cluster, use_gpu, gpus_per_actor, gpus_per_worker, scaling, model, train_set,
                              test_set, card, progress)
