@@ -6,9 +6,7 @@ import torch
 from torch import nn
 
 from conftest import small_method
-from geoprune_ray.core.data import load_dataset
-from geoprune_ray.core.geometry import (Calibration, GeometryMeter, class_geometry, delta_g, g_noise,
-                                        recalibrate_bn)
+from geoprune_ray.core.geometry import (Calibration, GeometryMeter, class_geometry, delta_g, recalibrate_bn)
 from geoprune_ray.errors import GeopruneError
 
 _copy = copy.deepcopy

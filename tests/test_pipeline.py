@@ -1,19 +1,16 @@
 """The pipeline on a real local Ray cluster: artifacts, the controller in Tune, arms, resume."""
 
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
-import torch
 import yaml
 
 from geoprune_ray.core.pruning import load_pruned

@@ -19,6 +19,7 @@ from ..core.geometry import Calibration, GeometryMeter, class_geometry, delta_g
 from ..core.method import PruneTarget
 from ..core.models import build_model
 from ..core.pruning import macs_params, prune_copy
+from ..core.speed import sync
 from ..core.train import augment, iterate_batches, pick_device, train
 
 
@@ -28,11 +29,6 @@ def synthetic_set(n: int, classes: int, shape: tuple[int, int, int], seed: int =
     labels = torch.arange(n) % classes
     return ImageSet("synthetic", images, labels, tuple(str(c) for c in range(classes)),
                     (0.5,) * shape[0], (0.25,) * shape[0], True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def plain_loop(model: nn.Module, data: ImageSet, batch: int, steps: int, device: torch.device, lr: float = 0.1) -> float:
@@ -66,11 +62,11 @@ def plain_loop(model: nn.Module, data: ImageSet, batch: int, steps: int, device:
 
     for i in range(2):  # warm-up
         step(i)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for i in range(steps):
         step(i)
-    _sync(device)
+    sync(device)
     return batch * steps / (time.perf_counter() - start)
 
 
@@ -106,7 +102,7 @@ def data_path(batch: int, steps: int, device: torch.device, arch: str = "resnet1
     for images, labels in iterate_batches(data, batch, device, True, drop_last=True):
         images = augment(images, True, gen)
         n += len(labels)
-    _sync(device)
+    sync(device)
     loader = n / (time.perf_counter() - start)
     step = project_loop(build_model(arch, classes, 3, width), data, batch, steps, device)
     return {"batch": batch, "loader_img_s": loader, "train_img_s": step, "loader_share": step / loader}
@@ -127,16 +123,16 @@ def probe_parts(arch: str, width: float, device: torch.device, calib_per_class: 
     t["copy_s"] = time.perf_counter() - start
     start = time.perf_counter()
     pruned, _ = prune_copy(base, ratio, target.input_shape, target.num_classes, target.importance, target.round_to)
-    _sync(device)
+    sync(device)
     t["copy_and_prune_s"] = time.perf_counter() - start
     start = time.perf_counter()
     meter.prepare(pruned)
-    _sync(device)
+    sync(device)
     t["recalibrate_s"] = time.perf_counter() - start
     start = time.perf_counter()
     g = class_geometry(meter.features(pruned), meter.calibration.labels, classes)
     delta_g(meter.reference, g)
-    _sync(device)
+    sync(device)
     t["features_and_delta_g_s"] = time.perf_counter() - start
     t["probe_s"] = t["copy_and_prune_s"] + t["recalibrate_s"] + t["features_and_delta_g_s"]
     return {"arch": arch, "width": width, "calibration_images": len(meter.calibration.labels), **t}

@@ -16,7 +16,7 @@ from torch import nn
 BATCHES = (1, 256)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -30,13 +30,13 @@ def time_model(model: nn.Module, input_shape: Sequence[int], batch: int, device:
     x = torch.randn(batch, *input_shape, device=device)
     for _ in range(2):
         model(x)
-    _sync(device)
+    sync(device)
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < min_repeats or (len(times) < max_repeats and time.perf_counter() - started < budget_s):
         t0 = time.perf_counter()
         model(x)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     return {"batch": batch, "latency_ms": median * 1e3, "throughput": batch / median, "repeats": len(times),

@@ -131,5 +131,5 @@ def run_batch(batch: BatchSpec, storage: str, address: Optional[str] = None) -> 
     failed = [n for n, j in record["jobs"].items() if j["exit_code"] != 0]
     if failed:
         raise GeopruneError(f"batch jobs failed: {', '.join(failed)}",
-                            f"see their lines above; 'geoprune batch' again with the same --storage resumes them")
+                            "see their lines above; 'geoprune batch' again with the same --storage resumes them")
     return record

@@ -365,7 +365,7 @@ def replay_controller(ctl: Controller, steps: list[dict[str, Any]]) -> Controlle
     for row in steps:
         if row.get("delta_g") is not None and not (isinstance(row["delta_g"], float) and math.isnan(row["delta_g"])):
             by_step.setdefault(int(row["step"]), row)
-    while (r := ctl.propose()) is not None:
+    while ctl.propose() is not None:
         row = by_step.get(len(ctl.steps))
         ctl.observe(row["delta_g"] if row else math.inf, macs=row and row["macs"], params=row and row["params"],
                     trial_id=row and row["trial_id"], failed=row is None)
