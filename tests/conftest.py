@@ -88,5 +88,7 @@ def full_run(ray_cluster, digits_weights, tmp_path_factory):
     from geoprune_ray.distributed.pipeline import run_job
 
     storage = tmp_path_factory.mktemp("run") / "digits"
-    spec = JobSpec.from_dict(pipeline_job(digits_weights, ["adaptive", "baseline", "gc", "uniform"], "digits-full"))
+    job = pipeline_job(digits_weights, ["adaptive", "baseline", "gc", "uniform"], "digits-full")
+    job["protocol"]["probe_accuracy"] = True  # each probe's top-1 too (the evidence's Spearman)
+    spec = JobSpec.from_dict(job)
     return storage, run_job(spec, str(storage))

@@ -216,13 +216,21 @@ class Measurement:
     macs: int
     params: int
     seconds: float
+    top1: Optional[float] = None  # on ``eval_set``, after BN recalibration, before any fine-tuning
 
 
 def measure(base: nn.Module, meter: GeometryMeter, ratios: Mapping[str, float] | float,
-            target: PruneTarget) -> Measurement:
-    """Prune a copy of ``base`` with ``ratios``, recalibrate its BN, and measure ΔG against G₀."""
+            target: PruneTarget, eval_set: Any = None) -> Measurement:
+    """Prune a copy of ``base`` with ``ratios``, recalibrate its BN, and measure ΔG against G₀ (and, given
+    ``eval_set``, the recalibrated copy's top-1 on it; ``seconds`` excludes that evaluation)."""
     start = time.perf_counter()
     pruned, _ = prune_copy(base, ratios, target.input_shape, target.num_classes, target.importance, target.round_to)
     dg = meter.delta(pruned)
     macs, params = macs_params(pruned, target.input_shape)
-    return Measurement(dg, macs, params, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    top1 = None
+    if eval_set is not None:
+        from .train import evaluate
+
+        top1 = evaluate(pruned, eval_set, meter.calibration.device)["top1"]
+    return Measurement(dg, macs, params, seconds, top1)

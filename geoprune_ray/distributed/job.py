@@ -40,6 +40,7 @@ class ProtocolSpec:
     lr: float = 0.2  # baseline peak learning rate; fine-tuning uses a tenth of it
     arms: tuple[str, ...] = ARMS
     finetune_all: bool = False  # also fine-tune every accepted controller candidate
+    probe_accuracy: bool = False  # also measure each probe's top-1 on the test split (Spearman(ΔG, drop))
 
 
 @dataclass(frozen=True)

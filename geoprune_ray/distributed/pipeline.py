@@ -181,12 +181,24 @@ class Pipeline:
             noise = ray.get(pool.actors[0].noise.remote(cfg.noise_splits, cfg.seed))
             ratios = probe_ratios(cfg.probes, cfg.r_probe_max, cfg.seed)
             log.info("stage probes: %d probes on %d actors", len(ratios), len(pool.actors))
-            records = progress.gather(pool.submit("measure", [(r,) for r in ratios]), "probes", "probes")
+            accuracy = {}
+            if spec.protocol.probe_accuracy:  # each probe's top-1 on the test split, for Spearman(ΔG, drop)
+                accuracy["base_top1"] = evaluate(model, test_set)["top1"]
+                test_ref = ray.put(test_set)  # one object-store copy, read by every actor
+                args = [(r, test_ref) for r in ratios]
+            else:
+                args = [(r,) for r in ratios]
+            records = progress.gather(pool.submit("measure", args), "probes", "probes")
             rows = [{"probe": m, "ratio": r, "seed": cfg.seed, **rec} for m, (r, rec) in enumerate(zip(ratios, records))]
+            if accuracy:
+                for row in rows:
+                    row["top1_drop"] = accuracy["base_top1"] - row["top1"]
+                accuracy["spearman_delta_g_top1_drop"] = spearman([row["delta_g"] for row in rows],
+                                                                  [row["top1_drop"] for row in rows])
             self.run.write_table("probes.parquet", rows)
             budget = tau(noise, [row["delta_g"] for row in rows], cfg.beta)
             self._done("probes", started, g_noise=noise, tau=budget,
-                       restarts=sum(bool(row["restarted"]) for row in rows))
+                       restarts=sum(bool(row["restarted"]) for row in rows), **accuracy)
         probes = self.run.read_table("probes.parquet")
         noise, budget = self.stage("probes")["g_noise"], self.stage("probes")["tau"]
         log.info("G_noise = %.4f, τ = %.4f", noise, budget)
@@ -267,6 +279,8 @@ class Pipeline:
                           "workers": scaling.workers,
                           "actor_pids": sorted({row["pid"] for row in probes})},
             "g_noise": noise, "tau": budget,
+            "probe_accuracy": ({k: self.stage("probes")[k] for k in ("base_top1", "spearman_delta_g_top1_drop")}
+                               if "base_top1" in self.stage("probes") else None),
             "controller": {"mode": cfg.controller, "r0": r0, "steps": ctl.steps, "stop_reason": ctl.stop_reason,
                            "r_star": r_star},
             "baseline": {"top1": baseline_top1, "macs": base_macs, "params": base_params},
@@ -378,6 +392,14 @@ def arm_row(name: str, trial: dict[str, Any], budget: float) -> dict[str, Any]:
             "top1_before_finetune": trial["top1_before_finetune"], "params_m": trial["params"] / 1e6,
             "macs_m": trial["macs"] / 1e6, "delta_g": trial["delta_g"], "delta_g_after": trial["delta_g_after"],
             "budget": budget if name == "adaptive" else (0.07 if name == "gc" else None)}
+
+
+def spearman(x: list[float], y: list[float]) -> Optional[float]:
+    """Spearman's rank correlation (ties get average ranks); None when either side is constant."""
+    import pandas as pd
+
+    rho = pd.Series(x, dtype=float).corr(pd.Series(y, dtype=float), method="spearman")
+    return None if math.isnan(rho) else float(rho)
 
 
 def _jsonable(data: Any) -> Any:

@@ -50,11 +50,13 @@ class ProbeActor:
         """G_noise of the base model on the resident calibration set."""
         return self.meter.noise(splits, seed)
 
-    def measure(self, ratios: Mapping[str, float] | float) -> dict[str, Any]:
-        """ΔG, MACs and params of the base pruned with ``ratios``, and who measured it."""
-        res = measure(self.base, self.meter, ratios, self.target)
+    def measure(self, ratios: Mapping[str, float] | float, eval_set: Any = None) -> dict[str, Any]:
+        """ΔG, MACs and params of the base pruned with ``ratios``, and who measured it; with ``eval_set``
+        also the recalibrated copy's top-1 on it (``top1``)."""
+        res = measure(self.base, self.meter, ratios, self.target, eval_set)
+        extra = {} if res.top1 is None else {"top1": res.top1}
         return {"delta_g": res.delta_g, "macs": res.macs, "params": res.params, "seconds": res.seconds,
-                **self.identity}
+                **extra, **self.identity}
 
     def size(self, ratios: Mapping[str, float] | float) -> dict[str, int]:
         """MACs and params of the base pruned with ``ratios`` (no ΔG)."""
@@ -89,7 +91,7 @@ class PoolSpec:
 
 
 class ProbePool:
-    """Named probe actors started once per run; calls fan out round-robin and come back in order."""
+    """Named probe actors started once per run; calls fan out in ``spread`` order and come back in order."""
 
     def __init__(self, base: nn.Module, calibration: Calibration, target: PruneTarget, bn_recalibration: bool,
                  spec: PoolSpec, run_id: str):
@@ -111,7 +113,8 @@ class ProbePool:
                  ", ".join(f"pid {i['pid']} on {i['device']}" for i in self.identities))
 
     def submit(self, method: str, args: Sequence[tuple]) -> list[ray.ObjectRef]:
-        return [getattr(self.actors[i % len(self.actors)], method).remote(*a) for i, a in enumerate(args)]
+        order = spread(len(args), len(self.actors))
+        return [getattr(self.actors[order[i]], method).remote(*a) for i, a in enumerate(args)]
 
     def map(self, method: str, args: Sequence[tuple]) -> list[Any]:
         return ray.get(self.submit(method, args))
@@ -119,6 +122,12 @@ class ProbePool:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+
+
+def spread(calls: int, actors: int) -> list[int]:
+    """The actor of each call, in a snake order (0, 1, …, n−1, n−1, …, 0, 0, 1, …): probes come sorted by
+    ratio and cost falls with the ratio, so each actor gets as many cheap calls as dear ones."""
+    return [(i % actors) if (i // actors) % 2 == 0 else actors - 1 - (i % actors) for i in range(calls)]
 
 
 def actor_name(run_id: str, index: int) -> str:
