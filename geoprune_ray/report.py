@@ -20,9 +20,13 @@ from matplotlib.figure import Figure  # noqa: E402
 from .distributed.rundir import RunDir  # noqa: E402
 from .errors import GeopruneError  # noqa: E402
 
-PLOTS = ("probes", "trajectory", "groups", "accuracy_macs", "speed")
+PLOTS = ("probes", "probe_accuracy", "trajectory", "groups", "accuracy_macs", "speed")
 ARM_LABELS = {"baseline": "Baseline", "gc": "GC (τ = 0.07)", "adaptive": "Adaptive GC", "uniform": "Uniform L2"}
 ARM_COLORS = {"baseline": "tab:gray", "gc": "tab:orange", "adaptive": "tab:blue", "uniform": "tab:green"}
+
+
+def _fmt_rho(rho: Optional[float]) -> str:
+    return "n/a" if rho is None else f"{rho:.3f}"
 
 
 def _finite(value: Any) -> bool:
@@ -37,6 +41,19 @@ def plot_probes(probes: Sequence[dict], g_noise: float, tau: float) -> Figure:
     ax.axhline(g_noise, color="tab:gray", linestyle=":", label=f"G_noise = {g_noise:.4f}")
     ax.axhline(tau, color="tab:red", linestyle="--", label=f"τ = G_noise + β·std(ΔG) = {tau:.4f}")
     ax.set(xlabel="probe pruning ratio", ylabel="ΔG (after BN recalibration)", title="ΔG probe sample")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_probe_accuracy(probes: Sequence[dict], rho: Optional[float]) -> Figure:
+    """Each probe's top-1 drop (test split, after BN recalibration, no fine-tuning) against its ΔG."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([p["delta_g"] for p in probes], [p["top1_drop"] for p in probes], color="tab:blue", zorder=3,
+               label=f"probes (M = {len(probes)})")
+    ax.set(xlabel="ΔG (after BN recalibration)", ylabel="top-1 drop (points, before fine-tuning)",
+           title="Probes: geometry change vs accuracy drop" + (f" (Spearman ρ = {rho:.3f})" if rho is not None else ""))
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -131,6 +148,8 @@ def _millions(value: float) -> str:
 def figures(summary: dict, probes: list[dict], groups: list[dict], trials: list[dict]) -> dict[str, Figure]:
     finetuned = [t for t in trials if _finite(t.get("top1")) and _finite(t.get("macs"))]
     figs = {"probes": plot_probes(probes, summary["g_noise"], summary["tau"]),
+            **({"probe_accuracy": plot_probe_accuracy(probes, summary["probe_accuracy"]["spearman_delta_g_top1_drop"])}
+               if summary.get("probe_accuracy") else {}),
             "trajectory": plot_trajectory([t for t in trials if t["kind"] == "step"], summary["tau"]),
             "groups": plot_groups(groups),
             "accuracy_macs": plot_accuracy_macs(finetuned)}
@@ -185,6 +204,9 @@ def markdown(summary: dict, trials: list[dict], groups: list[dict], plots: Seque
              f"- r* = **{c['r_star']:.4f}** after {len(c['steps'])} controller steps ({c['stop_reason']}); "
              f"channel-weighted mean ratio {p['mean_ratio']:.4f}.",
              f"- G_noise = {s['g_noise']:.4f}, τ = {s['tau']:.4f} (β = {s['config']['method']['beta']}).",
+             *([f"- Probes on the test split (before fine-tuning): Spearman(ΔG, top-1 drop) = "
+                f"{_fmt_rho(s['probe_accuracy']['spearman_delta_g_top1_drop'])}, against the unpruned model's "
+                f"{s['probe_accuracy']['base_top1']:.2f}%."] if s.get("probe_accuracy") else []),
              f"- MACs {b['macs'] / 1e6:.3f} M → {p['macs'] / 1e6:.3f} M (×{p['macs_ratio']:.3f}); "
              f"params {b['params'] / 1e6:.4f} M → {p['params'] / 1e6:.4f} M (×{p['params_ratio']:.3f}).",
              f"- Top-1 {b['top1']:.2f}% (baseline) → {p['top1_before_finetune']:.2f}% (pruned) → "
@@ -212,7 +234,8 @@ def markdown(summary: dict, trials: list[dict], groups: list[dict], plots: Seque
         lines.append(f"| {g['group']} | {g['channels']} | {g['delta_g']:.4f} | {g['tau_l']:.3f} | {g['ratio']:.4f} | "
                      f"{kept} |")
     lines += ["", "## Plots", ""]
-    captions = {"probes": "ΔG probe sample with G_noise and τ", "trajectory": "Controller trajectory",
+    captions = {"probes": "ΔG probe sample with G_noise and τ", "probe_accuracy": "Probes: ΔG vs top-1 drop",
+                "trajectory": "Controller trajectory",
                 "groups": "Per-group pruning ratios", "accuracy_macs": "Top-1 vs MACs of fine-tuned trials",
                 "speed": "Inference throughput, base vs pruned"}
     lines += [f"![{captions[name]}](plots/{name}.png)" for name in plots]

@@ -38,6 +38,13 @@ def test_probe_plot_draws_the_probe_sample_with_g_noise_and_tau(artifacts):
     assert levels == pytest.approx(sorted([summary["g_noise"], summary["tau"]]))
 
 
+def test_probe_accuracy_plot_draws_each_probes_delta_g_and_top1_drop(artifacts):
+    _, summary, probes, _, _, figs = artifacts
+    ax = figs["probe_accuracy"].axes[0]
+    _same_points(_offsets(ax.collections[0]), [p["delta_g"] for p in probes], [p["top1_drop"] for p in probes])
+    assert f"{summary['probe_accuracy']['spearman_delta_g_top1_drop']:.3f}" in ax.get_title()
+
+
 def test_trajectory_plot_draws_the_controller_steps(artifacts):
     storage, summary, *_, figs = artifacts
     steps = pq.read_table(storage / "trials.parquet").to_pandas().query("kind == 'step'").sort_values("step")
@@ -89,12 +96,13 @@ def test_report_md_links_plots_that_exist(full_run):
     storage, summary = full_run
     report = (storage / "report.md").read_text()  # written by the pipeline itself
     assert render_report(str(storage)).endswith("report.md")  # and re-rendered from the artifacts alone
-    for name in ("probes", "trajectory", "groups", "accuracy_macs", "speed"):
+    for name in ("probes", "probe_accuracy", "trajectory", "groups", "accuracy_macs", "speed"):
         assert f"(plots/{name}.png)" in report
         image = mpimg.imread(storage / "plots" / f"{name}.png")
         assert image.ndim == 3 and image.shape[0] > 200 and np.ptp(image) > 0
     assert "| Adaptive GC |" in report and f"{summary['pruned']['top1']:.2f}" in report
     assert f"{summary['tau']:.4f}" in report
+    assert f"Spearman(ΔG, top-1 drop) = {summary['probe_accuracy']['spearman_delta_g_top1_drop']:.3f}" in report
 
 
 def test_report_of_a_folder_that_is_not_a_run(tmp_path):
