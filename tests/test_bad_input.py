@@ -74,6 +74,8 @@ CASES = [
     ("resume a folder that is not a run", ["resume", "{tmp}"], None, ["not a geoprune run directory"]),
     ("report a folder that is not a run", ["report", "{tmp}"], None, ["not a finished geoprune run"]),
     ("export a folder that is not a run", ["export", "{tmp}", "--format", "onnx"], None, ["holds no pruned model"]),
+    ("evidence of a folder without runs", ["evidence", "{tmp}"], None, ["holds no evidence JSON"]),
+    ("evidence of a missing folder", ["evidence", "{tmp}/absent"], None, ["does not exist"]),
     ("unknown export format", ["export", "{tmp}", "--format", "tflite"], None, ["invalid choice", "tflite"]),
     ("batch with repeated names", ["batch", "{job}", "--storage", "{out}"],
      {"name": "b", "defaults": GOOD, "jobs": [{"name": "a"}, {"name": "a"}]}, ["names repeat"]),

@@ -132,6 +132,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evidence(args: argparse.Namespace) -> int:
+    from ..evidence import write_evidence
+
+    path, records = write_evidence(args.source, args.output)
+    print(path.read_text(), end="")
+    print(f"wrote {path} ({len(records)} seed{'s' if len(records) != 1 else ''})")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export import export_model
 
@@ -186,7 +195,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import run_bench
 
-    result = run_bench(args.output, args.quick, args.device)
+    result = run_bench(args.output, args.quick, args.device, args.job)
     print((Path(args.output) / "bench.md").read_text())
     return 0 if result else 1
 
@@ -320,11 +329,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("evidence", help="the evidence table (arms over seeds) from finished runs or their JSON",
+                       description="From a batch (or run) folder: write one JSON per run and evidence.md, "
+                                   "mean ± std over seeds. From a folder of those JSON files: re-render evidence.md.",
+                       epilog="example: geoprune evidence runs/evidence_fashion --output bench/results/evidence_fashion")
+    p.add_argument("source", help="a batch folder, a run folder, or a folder of evidence JSON")
+    p.add_argument("--output", default=None, help="folder for the JSON and evidence.md (default SOURCE/evidence, "
+                                                  "or SOURCE itself for JSON)")
+    p.set_defaults(func=cmd_evidence)
+
     p = sub.add_parser("bench", help="measure training throughput, the data path, probe steps and the probe pool",
                        epilog="example: geoprune bench --quick --output runs/bench")
     p.add_argument("--output", required=True, help="folder for bench.json and bench.md")
     p.add_argument("--quick", action="store_true", help="a reduced run for a CPU (minutes)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--job", default=None, help="instead: run this job spec with the comparison arms off and report "
+                                               "its stage times, search overhead and peak memory")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="export a run's pruned model, checked against PyTorch's outputs",
