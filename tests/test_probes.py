@@ -72,3 +72,18 @@ def test_killing_a_probe_actor_mid_probe_keeps_the_sample(setup, digits_model):
             assert rec["delta_g"] == pytest.approx(measure(base, meter, r, TARGET).delta_g, abs=1e-4)
         restarted = [rec for rec in records if rec["restarted"]]
         assert restarted and all(rec["pid"] != old_pid for rec in restarted)
+
+
+def test_spread_balances_calls_sorted_by_cost():
+    from geoprune_ray.distributed.probes import spread
+
+    assert spread(8, 2) == [0, 1, 1, 0, 0, 1, 1, 0]
+    for calls, actors in ((16, 2), (16, 4), (7, 3), (1, 4)):
+        order = spread(calls, actors)
+        counts = [order.count(a) for a in range(actors)]
+        assert max(counts) - min(counts) <= 1 and set(order) <= set(range(actors))
+    # costs that fall with the index (probes sorted by ratio): the snake beats round-robin
+    cost = [16 - i for i in range(16)]
+    snake = [sum(c for c, a in zip(cost, spread(16, 2)) if a == k) for k in range(2)]
+    robin = [sum(cost[k::2]) for k in range(2)]
+    assert max(snake) - min(snake) < max(robin) - min(robin)

@@ -15,19 +15,30 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-def run_bench(output: str, quick: bool, device: Optional[str] = None) -> dict[str, Any]:
+def run_bench(output: str, quick: bool, device: Optional[str] = None, job: Optional[str] = None) -> dict[str, Any]:
+    """The whole bench; with ``job`` (a job-spec path) only that job's pipeline, comparison arms off."""
     from ..distributed.pipeline import connect
-    from .core import run_core
-    from .pool import run_pool
 
-    result: dict[str, Any] = {"quick": quick, "core": run_core(quick, device)}
-    started = time.perf_counter()
-    connect(None)
-    result["ray_startup_s"] = time.perf_counter() - started  # one-time; the pipeline below joins this Ray
-    result["pool"] = run_pool(quick)
-    from .pipeline import run_pipeline
+    if job is not None:
+        from ..app.spec import load_spec
+        from .pipeline import adaptive_only, pipeline_split
 
-    result.update(run_pipeline(quick))
+        spec = adaptive_only(load_spec(job).to_dict())
+        started = time.perf_counter()
+        connect(None)
+        result: dict[str, Any] = {"quick": quick, "job": job, "ray_startup_s": time.perf_counter() - started,
+                                  "pipeline": pipeline_split(spec)}
+    else:
+        from .core import run_core
+        from .pipeline import run_pipeline
+        from .pool import run_pool
+
+        result = {"quick": quick, "core": run_core(quick, device)}
+        started = time.perf_counter()
+        connect(None)
+        result["ray_startup_s"] = time.perf_counter() - started  # one-time; the pipeline below joins this Ray
+        result["pool"] = run_pool(quick)
+        result.update(run_pipeline(quick))
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
@@ -36,31 +47,43 @@ def run_bench(output: str, quick: bool, device: Optional[str] = None) -> dict[st
 
 
 def markdown(result: dict[str, Any]) -> str:
-    core, pool = result["core"], result["pool"]
-    lines = [f"# geoprune bench ({'quick' if result['quick'] else 'full'}) on {core['device_name']}, "
-             f"{core['threads']} threads", "",
-             "| model | batch | plain loop img/s | project img/s | project / plain | project TFLOP/s |",
-             "|---|---|---|---|---|---|"]
-    for t in core["training"]:
-        lines.append(f"| {t['arch']}@{t['width']} | {t['batch']} | {t['plain_img_s']:.1f} | {t['project_img_s']:.1f} | "
-                     f"{t['ratio']:.3f} | {t['project_tflops']:.4f} |")
-    d, p = core["data_path"], core["probe"]
-    lines += ["", "| figure | value |", "|---|---|",
-              f"| loader alone (img/s) | {d['loader_img_s']:.0f} |",
-              f"| training step (img/s) | {d['train_img_s']:.1f} |",
-              f"| loader's share of a step | {d['loader_share']:.4f} |",
-              f"| probe step, {p['arch']}@{p['width']}, {p['calibration_images']} calibration images (s) | "
-              f"{p['probe_s']:.3f} |",
-              f"| … copy + prune (s) | {p['copy_and_prune_s']:.3f} |",
-              f"| … BN recalibration (s) | {p['recalibrate_s']:.3f} |",
-              f"| … features + ΔG (s) | {p['features_and_delta_g_s']:.3f} |",
-              f"| Ray start-up, one-time (s) | {result['ray_startup_s']:.1f} |",
-              f"| probe pool: {pool['probes']} probes, {pool['actors']} actors vs 1 process with "
-              f"{pool['threads_total']} threads: speed-up | {pool['speedup']:.2f}× |"]
+    lines: list[str] = []
+    if "core" in result:
+        core, pool = result["core"], result["pool"]
+        lines += [f"# geoprune bench ({'quick' if result['quick'] else 'full'}) on {core['device_name']}, "
+                  f"{core['threads']} threads", "",
+                  "| model | batch | plain loop img/s | project img/s | project / plain | project TFLOP/s |",
+                  "|---|---|---|---|---|---|"]
+        for t in core["training"]:
+            lines.append(f"| {t['arch']}@{t['width']} | {t['batch']} | {t['plain_img_s']:.1f} | {t['project_img_s']:.1f} | "
+                         f"{t['ratio']:.3f} | {t['project_tflops']:.4f} |")
+        d, p = core["data_path"], core["probe"]
+        lines += ["", "| figure | value |", "|---|---|",
+                  f"| loader alone (img/s) | {d['loader_img_s']:.0f} |",
+                  f"| training step (img/s) | {d['train_img_s']:.1f} |",
+                  f"| loader's share of a step | {d['loader_share']:.4f} |",
+                  f"| probe step, {p['arch']}@{p['width']}, {p['calibration_images']} calibration images (s) | "
+                  f"{p['probe_s']:.3f} |",
+                  f"| … copy + prune (s) | {p['copy_and_prune_s']:.3f} |",
+                  f"| … BN recalibration (s) | {p['recalibrate_s']:.3f} |",
+                  f"| … features + ΔG (s) | {p['features_and_delta_g_s']:.3f} |"]
+        if p.get("gpu_memory_gib") is not None:
+            lines.append(f"| probe actor's peak GPU memory (GiB) | {p['gpu_memory_gib']:.2f} |")
+        lines += [f"| Ray start-up, one-time (s) | {result['ray_startup_s']:.1f} |",
+                  f"| probe pool: {pool['probes']} probes, {pool['actors']} actors vs 1 process with "
+                  f"{pool['threads_total']} threads: speed-up (medians of {pool['repeats']}) | {pool['speedup']:.2f}× |"]
+        if "process_ceiling" in pool:
+            lines += [f"| … the machine's ceiling: {pool['actors']} plain 1-thread processes (no Ray) vs the same "
+                      f"process | {pool['process_ceiling']:.2f}× |",
+                      f"| … pool speed-up as a fraction of that ceiling | {pool['pool_efficiency']:.2f} |"]
+    else:
+        lines += [f"# geoprune bench --job {result['job']} (comparison arms off)", "", "| figure | value |", "|---|---|",
+                  f"| Ray start-up, one-time (s) | {result['ray_startup_s']:.1f} |"]
+    if "train_launch" in result:
+        lines.append(f"| one Ray Train launch (0 epochs) (s) | {result['train_launch']['launch_s']:.1f} |")
     if "pipeline" in result:
         pl, t = result["pipeline"], result["pipeline"]["timings_s"]
-        lines += [f"| one Ray Train launch (0 epochs) (s) | {result['train_launch']['launch_s']:.1f} |",
-                  f"| reduced pipeline wall time (s) | {pl['wall_s']:.1f} |"]
+        lines.append(f"| {'reduced ' if 'core' in result else ''}pipeline wall time (s) | {pl['wall_s']:.1f} |")
         lines += [f"| … {k} (s) | {v:.1f} |" for k, v in t.items()]
         overhead = pl["search_overhead"]
         lines += [f"| search overhead: (probes + sensitivity + controller) / final fine-tune | "

@@ -110,7 +110,12 @@ def data_path(batch: int, steps: int, device: torch.device, arch: str = "resnet1
 
 def probe_parts(arch: str, width: float, device: torch.device, calib_per_class: int = 50, classes: int = 10,
                 size: int = 32, ratio: float = 0.3) -> dict[str, Any]:
-    """One probe step (copy, prune, recalibrate, ΔG) and its parts, on a resident calibration set."""
+    """One probe step (copy, prune, recalibrate, ΔG) and its parts, on a resident calibration set; on a GPU
+    also the peak memory PyTorch reserved for what a probe actor holds and does (model, calibration set,
+    reference geometry, one probe), without the CUDA context."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     data = synthetic_set(classes * calib_per_class * 2, classes, (3, size, size))
     cfg = MethodConfig(calib_per_class=calib_per_class, bn_batches=4, bn_batch_size=128)
     meter = GeometryMeter(Calibration.from_dataset(data, cfg, device))
@@ -135,6 +140,8 @@ def probe_parts(arch: str, width: float, device: torch.device, calib_per_class: 
     sync(device)
     t["features_and_delta_g_s"] = time.perf_counter() - start
     t["probe_s"] = t["copy_and_prune_s"] + t["recalibrate_s"] + t["features_and_delta_g_s"]
+    if device.type == "cuda":
+        t["gpu_memory_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     return {"arch": arch, "width": width, "calibration_images": len(meter.calibration.labels), **t}
 
 
@@ -148,4 +155,5 @@ def run_core(quick: bool, device: str | None = None) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
             "training": [training_throughput(a, width, batch, steps, dev) for a in archs],
             "data_path": data_path(batch, steps, dev),
-            "probe": probe_parts("resnet18", width, dev)}
+            # on a GPU: the paper's ResNet-18 with 5,000 calibration images (the ≤ 2 GiB per actor target)
+            "probe": probe_parts("resnet18", width, dev, **({"calib_per_class": 500} if gpu else {}))}

@@ -1,0 +1,63 @@
+"""geoprune bench's parts on tiny sizes: each figure is computed from real runs and agrees with itself.
+(Speed targets are measured by the bench itself, never asserted here.)"""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from conftest import PIPELINE_METHOD
+from geoprune_ray.app.cli import main
+from geoprune_ray.bench import markdown
+from geoprune_ray.bench.core import data_path, probe_parts, training_throughput
+from geoprune_ray.bench.pool import pool_speedup
+
+CPU = torch.device("cpu")
+
+
+def test_training_throughput_and_data_path():
+    t = training_throughput("resnet18", 0.125, 16, 2, CPU, classes=10, size=16)
+    assert t["plain_img_s"] > 0 and t["project_img_s"] > 0
+    assert t["ratio"] == pytest.approx(t["project_img_s"] / t["plain_img_s"])
+    assert t["project_tflops"] == pytest.approx(6 * t["macs"] * t["project_img_s"] / 1e12)
+    d = data_path(16, 2, CPU, width=0.125, classes=10, size=16)
+    assert 0 < d["loader_share"] < 1  # the loader alone is faster than a training step that includes it
+
+
+def test_probe_parts_add_up():
+    p = probe_parts("resnet18", 0.125, CPU, calib_per_class=4, size=16)
+    assert p["calibration_images"] == 40
+    assert p["probe_s"] == pytest.approx(p["copy_and_prune_s"] + p["recalibrate_s"] + p["features_and_delta_g_s"])
+    assert "gpu_memory_gib" not in p
+
+
+def test_pool_agrees_with_sequential_probes(ray_cluster):
+    r = pool_speedup(width=0.125, probes=4, calib_per_class=4, size=16, repeats=1)
+    assert r["max_abs_delta_g_diff"] < 1e-5  # the same ΔG from the actors as in one process
+    assert len(r["pids"]) == 2
+    assert r["speedup"] == pytest.approx(r["sequential_s"] / r["pool_s"])
+    assert r["process_ceiling"] == pytest.approx(r["sequential_s"] / r["processes_s"])
+    assert "machine's ceiling" in markdown({"quick": True, "ray_startup_s": 1.0, "pool": r, "core": {
+        "device_name": "cpu", "threads": 2, "training": [], "data_path": data_path(16, 1, CPU, width=0.125, classes=10,
+                                                                                   size=16),
+        "probe": probe_parts("resnet18", 0.125, CPU, calib_per_class=4, size=16)}})
+
+
+def test_bench_job_runs_a_job_with_the_arms_off(ray_cluster, digits_weights, tmp_path, capsys):
+    job = {"name": "bench-job", "model": {"name": "convnet", "width": 0.5, "weights": str(digits_weights)},
+           "data": {"name": "digits"},
+           "protocol": {"finetune_epochs": 1, "batch_size": 64, "lr": 0.1, "arms": ["adaptive", "uniform"]},
+           "resources": {"probe_actors": 2, "cpus_per_worker": 1.0}, "method": PIPELINE_METHOD}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert main(["bench", "--job", str(path), "--output", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "bench.json").read_text())
+    pl = result["pipeline"]
+    assert pl["job"]["protocol"]["arms"] == ["adaptive"]  # the comparison arms are off for this measure
+    t = pl["timings_s"]
+    assert pl["search_s"] == pytest.approx(t["probes"] + t["sensitivity"] + t["step_trials"])
+    assert pl["search_overhead"] == pytest.approx(pl["search_s"] / t["finetune_trials"])
+    assert 0.2 < pl["peak_pss_gib"] < 24  # driver + the session's Ray processes, sampled from /proc
+    out = capsys.readouterr().out
+    assert "search overhead" in out and "peak memory" in out
