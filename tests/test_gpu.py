@@ -1,0 +1,64 @@
+"""GPU correctness (skipped without CUDA; bench/device_check.sh runs these on the lent GPU machine):
+the method's numbers on a GPU agree with the CPU's, training uses the fast path, actors share a GPU."""
+
+import copy
+
+import pytest
+import torch
+
+from geoprune_ray.core.config import MethodConfig, TrainConfig
+from geoprune_ray.core.geometry import Calibration, GeometryMeter
+from geoprune_ray.core.method import PruneTarget, measure
+from geoprune_ray.core.models import build_model
+from geoprune_ray.core.train import evaluate, train
+from geoprune_ray.bench.core import synthetic_set
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _setup(size=32, per_class=20):
+    data = synthetic_set(10 * per_class * 4, 10, (3, size, size))
+    cfg = MethodConfig(calib_per_class=per_class, bn_batches=4, bn_batch_size=64)
+    torch.manual_seed(0)
+    return build_model("resnet18", 10, 3, 0.25), data, Calibration.from_dataset(data, cfg), PruneTarget((3, size, size), 10)
+
+
+def test_delta_g_on_gpu_matches_cpu():
+    model, _, calibration, target = _setup()
+    results = {}
+    for device in ("cpu", "cuda"):
+        meter = GeometryMeter(calibration.to(device))
+        base = copy.deepcopy(model).to(device)
+        meter.set_reference(base)
+        results[device] = [measure(base, meter, r, target).delta_g for r in (0.1, 0.3, 0.5)]
+    # fp32 on both (the method never autocasts its measurements); TF32 convs may differ slightly
+    assert results["cuda"] == pytest.approx(results["cpu"], rel=0.05, abs=2e-3)
+    assert results["cuda"][0] < results["cuda"][2]
+
+
+def test_training_on_gpu_learns_and_keeps_fp32_weights():
+    model, data, _, _ = _setup(per_class=40)
+    before = evaluate(copy.deepcopy(model), data, "cuda")["loss"]
+    trained = copy.deepcopy(model)
+    train(trained, data, TrainConfig(epochs=3, batch_size=64, lr=0.1), "cuda")
+    assert all(p.dtype == torch.float32 for p in trained.parameters())  # bf16 only inside autocast
+    assert evaluate(trained, data, "cuda")["loss"] < before
+
+
+def test_four_probe_actors_share_one_gpu(ray_cluster):
+    from geoprune_ray.distributed.probes import PoolSpec, ProbePool
+
+    if ray_cluster.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the session's Ray cluster has no GPU")
+    model, _, calibration, target = _setup()
+    pool = ProbePool(model, calibration, target, True, PoolSpec(4, 0.25, 0.25), run_id="gputest")
+    try:
+        records = pool.map("measure", [(r,) for r in (0.1, 0.2, 0.3, 0.4)])
+    finally:
+        pool.shutdown()
+    assert {r["device"] for r in records} == {"cuda"} and len({r["pid"] for r in records}) == 4
+    meter = GeometryMeter(calibration.to("cuda"))
+    base = copy.deepcopy(model).to("cuda")
+    meter.set_reference(base)
+    local = [measure(base, meter, r, target).delta_g for r in (0.1, 0.2, 0.3, 0.4)]
+    assert [r["delta_g"] for r in records] == pytest.approx(local, rel=1e-4, abs=1e-6)
