@@ -58,7 +58,12 @@ def test_every_shipped_job_file_loads():
     for f in files:
         text = f.read_text()
         assert text.startswith("#")  # documented in place
-        if "\njobs:" in text:
+        if f.name.startswith("evidence_"):  # one job per seed, every arm, the probes' accuracy measured
+            batch = load_batch(f)
+            assert sorted(j.seed for j in batch.jobs) == [0, 1, 2]
+            assert all(j.protocol.probe_accuracy and set(j.protocol.arms) == {"adaptive", "baseline", "gc", "uniform"}
+                       and j.method == {} for j in batch.jobs)
+        elif "\njobs:" in text:
             batch = load_batch(f)
             assert [j.model.name for j in batch.jobs] == ["resnet50", "resnet18", "mobilenet_v2"]
             assert all(j.protocol.baseline_epochs == 40 and j.protocol.finetune_epochs == 20 for j in batch.jobs)
