@@ -39,7 +39,7 @@ def test_pool_agrees_with_sequential_probes(ray_cluster):
     assert r["speedup"] == pytest.approx(r["sequential_s"] / r["pool_s"])
     assert r["process_ceiling"] == pytest.approx(r["sequential_s"] / r["processes_s"])
     assert "machine's ceiling" in markdown({"quick": True, "ray_startup_s": 1.0, "pool": r, "core": {
-        "device_name": "cpu", "threads": 2, "training": [], "data_path": data_path(16, 1, CPU, width=0.125, classes=10,
+        "device_name": "cpu", "threads": 2, "training": [], "data_path": data_path(16, 2, CPU, width=0.125, classes=10,
                                                                                    size=16),
         "probe": probe_parts("resnet18", 0.125, CPU, calib_per_class=4, size=16)}})
 
