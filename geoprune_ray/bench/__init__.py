@@ -1,10 +1,11 @@
-"""``geoprune bench``: speed figures measured side by side in one run (see BENCHMARKS.md when written).
+"""``geoprune bench``: speed figures measured side by side in one run (BENCHMARKS.md has the results).
 
-Done so far: training throughput of the three paper models against a plain PyTorch loop, the data
-path, one probe step and its parts (``core``), and the probe-actor pool's speed-up over sequential
-probes with the same total threads (``pool``), the cost of one Ray Train launch, a reduced pipeline's
-wall time by stage with its search overhead, inference speed and peak memory (``pipeline``). Still to
-come (issue 5): GPU memory per probe actor, the evidence runs, BENCHMARKS.md.
+Training throughput of the three paper models against a plain PyTorch loop, the data path, one
+probe step and its parts with, on a GPU, the probe actor's GPU memory (``core``); the probe-actor
+pool against sequential probes with the same total threads, beside the machine's plain-process
+ceiling (``pool``); the cost of one Ray Train launch and a reduced pipeline's wall time by stage
+with its search overhead, inference speed and peak memory (``pipeline``). ``--job`` runs one job
+spec instead, with the comparison arms off (the quickstart's search overhead and memory).
 """
 
 from __future__ import annotations
