@@ -90,6 +90,7 @@ def test_submit_reaches_succeeded_with_the_artifacts_of_a_local_run(ray_head, fu
     url, token = ray_head
     job = pipeline_job(digits_weights, ["adaptive"], "digits-submitted")
     job["protocol"]["finetune_epochs"] = 1
+    job["protocol"]["probe_accuracy"] = True  # as full_run's: the same plots
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     storage = tmp_path / "run"
     env = _env(RAY_AUTH_TOKEN=token, HOME=str(tmp_path))
