@@ -1,12 +1,17 @@
-"""The evidence table: collected from a real run and rendered; the same from its JSON alone."""
+"""The evidence table: collected from a real run, rendered, and the committed results regenerated."""
 
 import json
+from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
 from geoprune_ray.app.cli import main
-from geoprune_ray.evidence import collect, render
+from geoprune_ray.evidence import collect, load_records, render
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "bench" / "results" / "evidence_fashion"
 
 
 def test_probe_accuracy_and_spearman_of_a_real_run(full_run):
@@ -65,3 +70,20 @@ def test_render_statistics_over_seeds():
     assert "ahead after fine-tuning in 1 of 2 seeds" in text
     assert "τ over seeds: 0.1500 ± 0.0707, coefficient of variation 0.471" in text
     assert "Spearman(ΔG, top-1 drop): 0.800 ± 0.141" in text
+
+
+def test_committed_evidence_regenerates_the_published_table():
+    """bench/results/evidence_fashion holds the raw per-seed JSON; the table in evidence.md and in
+    BENCHMARKS.md must be exactly what they render to."""
+    records = load_records(COMMITTED)
+    assert len({r["seed"] for r in records}) == len(records) >= 3  # one record per seed, at least three
+    text = render(records)
+    assert (COMMITTED / "evidence.md").read_text() == text
+    assert text in (ROOT / "BENCHMARKS.md").read_text()
+    # the records are real runs: every arm present, probes with their measured top-1
+    for r in records:
+        assert {a["arm"] for a in r["arms"]} == {"baseline", "gc", "adaptive", "uniform"}
+        assert len(r["probes"]) >= 8 and all("top1_drop" in p for p in r["probes"])
+        probes = pd.DataFrame(r["probes"])
+        assert r["spearman_delta_g_top1_drop"] == pytest.approx(
+            probes["delta_g"].corr(probes["top1_drop"], method="spearman"))
