@@ -90,7 +90,8 @@ def test_submit_reaches_succeeded_with_the_artifacts_of_a_local_run(ray_head, fu
     url, token = ray_head
     job = pipeline_job(digits_weights, ["adaptive"], "digits-submitted")
     job["protocol"]["finetune_epochs"] = 1
-    job["protocol"]["probe_accuracy"] = True  # as full_run's: the same plots
+    local, local_summary = full_run  # the same kind of job run locally: the same artifacts
+    job["protocol"]["probe_accuracy"] = local_summary["job"]["protocol"]["probe_accuracy"]  # its plots too
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     storage = tmp_path / "run"
     env = _env(RAY_AUTH_TOKEN=token, HOME=str(tmp_path))
@@ -104,7 +105,6 @@ def test_submit_reaches_succeeded_with_the_artifacts_of_a_local_run(ray_head, fu
     listing = _geoprune("status", "--address", url, env=env, timeout=60)
     assert job_id in listing.stdout and "digits-submitted" in listing.stdout
 
-    local, _ = full_run  # the same kind of job run locally: the same artifacts
     def names(root):
         return sorted(str(p.relative_to(root)) for p in root.rglob("*")
                       if p.parts[len(root.parts)] not in ("train", "tune"))
