@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -21,6 +22,7 @@ from torch import nn
 from ..core.geometry import Calibration, GeometryMeter
 from ..core.method import PruneTarget, measure
 from ..core.pruning import macs_params, prune_copy, replay_pruning
+from .holder import SharedObjects, fetch, holder_name
 
 log = logging.getLogger("geoprune_ray")
 MAX_RESTARTS = 3
@@ -30,18 +32,22 @@ MAX_RESTARTS = 3
 class ProbeActor:
     """Holds the base model, calibration set and reference geometry on its device."""
 
-    def __init__(self, base: nn.Module, calibration: Calibration, target: PruneTarget, bn_recalibration: bool,
-                 threads: int = 1):
+    def __init__(self, run_id: str, target: PruneTarget, bn_recalibration: bool, threads: int = 1):
         torch.set_num_threads(threads)
+        shared = fetch(run_id)  # by name, not as arguments: a restarted actor fetches them again
+        base, calibration = shared["base"], shared["calibration"]
         self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         self.target = target
         self.meter = GeometryMeter(calibration.to(self.device), bn_recalibration)
         self.base = copy.deepcopy(base).to(self.device)
         self.meter.set_reference(self.base)
         ctx = ray.get_runtime_context()
+        with warnings.catch_warnings():  # Ray's own property calls a deprecated getter of its own
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = bool(ctx.was_current_actor_reconstructed)
         self.identity = {"pid": os.getpid(), "node": ctx.get_node_id()[:12], "device": str(self.device),
                          "actor": ctx.get_actor_name() or ctx.get_actor_id()[:12],
-                         "restarted": bool(ctx.was_current_actor_reconstructed)}
+                         "restarted": restarted}
 
     def info(self) -> dict[str, Any]:
         return dict(self.identity)
@@ -95,19 +101,18 @@ class ProbePool:
 
     def __init__(self, base: nn.Module, calibration: Calibration, target: PruneTarget, bn_recalibration: bool,
                  spec: PoolSpec, run_id: str):
-        base_ref = ray.put(copy.deepcopy(base).cpu())  # one copy in the object store, read by every actor
-        cal_ref = ray.put(calibration.to("cpu"))
+        # One copy of each in the object store, read by every actor; the driver owns them (self._shared).
+        self._shared = {"base": ray.put(copy.deepcopy(base).cpu()), "calibration": ray.put(calibration.to("cpu"))}
         self.names = [actor_name(run_id, i) for i in range(spec.actors)]
-        options = {"num_cpus": spec.cpus_per_actor, "num_gpus": spec.gpus_per_actor, "lifetime": None}
-        self.actors = []
-        for name in self.names:
+        for name in [holder_name(run_id), *self.names]:
             try:  # a resumed driver finds its actors gone with the old cluster, or still alive in a shared one
                 ray.kill(ray.get_actor(name))
             except ValueError:
                 pass
-            self.actors.append(ProbeActor.options(name=name, **options).remote(base_ref, cal_ref, target,
-                                                                               bn_recalibration))
-        self._refs = (base_ref, cal_ref)  # keep the object-store copies alive for actor restarts
+        self.holder = SharedObjects.options(name=holder_name(run_id)).remote(self._shared)
+        options = {"num_cpus": spec.cpus_per_actor, "num_gpus": spec.gpus_per_actor, "lifetime": None}
+        self.actors = [ProbeActor.options(name=name, **options).remote(run_id, target, bn_recalibration)
+                       for name in self.names]
         self.identities = ray.get([a.info.remote() for a in self.actors])
         log.info("%d probe actors ready: %s", len(self.actors),
                  ", ".join(f"pid {i['pid']} on {i['device']}" for i in self.identities))
@@ -122,6 +127,7 @@ class ProbePool:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+        ray.kill(self.holder)
 
 
 def spread(calls: int, actors: int) -> list[int]:

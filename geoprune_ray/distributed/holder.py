@@ -1,0 +1,33 @@
+"""A run's shared objects (the base model, the calibration set), handed to probe actors by name.
+
+Probe actors restart after a crash, and Ray cannot promise a restarted actor the object-store
+arguments it was created with (ray issue 53727; it logs an error for every such actor). So the
+actors take only small values and fetch the driver's object refs from this holder, found by the
+run's name: on a restart they fetch them again. The holder itself never restarts, imports no torch
+and holds refs, not copies; the driver owns the objects and keeps them alive.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+
+
+def holder_name(run_id: str) -> str:
+    return f"geoprune-{run_id}-shared"
+
+
+@ray.remote(num_cpus=0)
+class SharedObjects:
+    def __init__(self, refs: dict[str, ray.ObjectRef]) -> None:  # nested refs: borrowed, never resolved here
+        self.refs = refs
+
+    def get(self) -> dict[str, ray.ObjectRef]:
+        return self.refs
+
+
+def fetch(run_id: str) -> dict[str, Any]:
+    """The shared objects themselves, in the calling worker."""
+    refs = ray.get(ray.get_actor(holder_name(run_id)).get.remote())
+    return dict(zip(refs, ray.get(list(refs.values()))))
