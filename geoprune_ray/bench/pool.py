@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import multiprocessing as mp
+import queue
 import statistics
 import time
 from typing import Any
@@ -59,7 +60,17 @@ def process_ceiling(setup_args: tuple, ratios: list[float], processes: int) -> f
     procs = [ctx.Process(target=_process_worker, args=(setup_args, share, barrier, results)) for share in shares]
     for p in procs:
         p.start()
-    times = [results.get(timeout=600) for _ in procs]
+    times: list[float] = []
+    deadline = time.monotonic() + 600
+    while len(times) < len(procs):
+        try:
+            times.append(results.get(timeout=1.0))
+        except queue.Empty:
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if failed or time.monotonic() > deadline:  # a dead worker never reports: fail now, not in 10 min
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"the ceiling's worker processes failed (exit codes {failed or 'none, timed out'})")
     for p in procs:
         p.join()
     return max(times)
