@@ -61,3 +61,9 @@ def test_bench_job_runs_a_job_with_the_arms_off(ray_cluster, digits_weights, tmp
     assert 0.2 < pl["peak_pss_gib"] < 24  # driver + the session's Ray processes, sampled from /proc
     out = capsys.readouterr().out
     assert "search overhead" in out and "peak memory" in out
+    assert 0 < pl["macs_ratio"] < 1 and f"| pruned model's MACs kept (its MACs reduction) | {pl['macs_ratio']:.3f}" in out
+    rows = pl["speed"]["rows"]
+    assert [r["batch"] for r in rows] == [1, 256]
+    for r in rows:  # the speed-up beside the MACs reduction it is compared with
+        assert f"| … batch {r['batch']} speed-up as a fraction of the MACs reduction | " \
+               f"{r['speedup'] * pl['macs_ratio']:.2f} |" in out

@@ -90,8 +90,17 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"| search overhead: (probes + sensitivity + controller) / final fine-tune | "
                   f"{overhead:.2f} |" if overhead is not None else "| search overhead | n/a |",
                   f"| peak memory, all processes (PSS, GiB) | {pl['peak_pss_gib']:.2f} |"]
-        for row in (pl.get("speed") or {}).get("rows", []):
-            lines.append(f"| inference batch {row['batch']}: base / pruned latency (ms), speed-up | "
-                         f"{row['base_latency_ms']:.2f} / {row['pruned_latency_ms']:.2f}, {row['speedup']:.2f}× |")
+        speed = pl.get("speed") or {}
+        if "macs_ratio" in pl:
+            lines.append(f"| pruned model's MACs kept (its MACs reduction) | {pl['macs_ratio']:.3f} "
+                         f"({1 / pl['macs_ratio']:.2f}×) |")
+        for row in speed.get("rows", []):
+            lines.append(f"| inference batch {row['batch']} ({speed['device_name']}, {speed['threads']} threads): "
+                         f"base / pruned latency (ms), img/s, speed-up | {row['base_latency_ms']:.2f} / "
+                         f"{row['pruned_latency_ms']:.2f}, {row['base_throughput']:.0f} / {row['pruned_throughput']:.0f}, "
+                         f"{row['speedup']:.2f}× |")
+            if "macs_ratio" in pl:
+                lines.append(f"| … batch {row['batch']} speed-up as a fraction of the MACs reduction | "
+                             f"{row['speedup'] * pl['macs_ratio']:.2f} |")
     lines.append("")
     return "\n".join(lines)

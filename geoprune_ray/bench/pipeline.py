@@ -115,7 +115,8 @@ def pipeline_split(job: dict[str, Any]) -> dict[str, Any]:
     return {"job": job, "wall_s": time.perf_counter() - started, "timings_s": t, "search_s": search,
             "final_finetune_s": finetune, "search_overhead": search / finetune if finetune else None,
             "peak_pss_gib": memory.peak / 2**30, "r_star": summary["controller"]["r_star"],
-            "top1": summary["pruned"]["top1"], "speed": summary.get("speed")}
+            "top1": summary["pruned"]["top1"], "macs_ratio": summary["pruned"]["macs_ratio"],
+            "speed": summary.get("speed")}
 
 
 def run_pipeline(quick: bool) -> dict[str, Any]:
