@@ -352,12 +352,22 @@ def wait_for_gpus(timeout_s: float) -> dict[str, float]:
 
 
 def whole_nodes(scaling: Scaling) -> Scaling:
-    """The baseline runs before any actor exists: give each worker the CPUs free on a node now (all of an idle
-    node's, what other pipelines leave of a shared one) and a whole GPU."""
-    free = ray.available_resources().get("CPU", 0)
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-    cpus = max(scaling.cpus_per_worker, min(node_cpus, free // scaling.workers))
-    return Scaling(scaling.workers, scaling.use_gpu, cpus, 1.0 if scaling.use_gpu else 0.0)
+    """The baseline runs before any actor exists: each worker gets a whole GPU and the CPUs that go with it."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    return baseline_scaling(scaling, ray.available_resources().get("CPU", 0),
+                            max((n.get("CPU", 0) for n in nodes), default=1),
+                            max((n.get("CPU", 0) / n["GPU"] for n in nodes if n.get("GPU")), default=0.0))
+
+
+def baseline_scaling(scaling: Scaling, free_cpus: float, node_cpus: float, cpus_per_gpu: float) -> Scaling:
+    """On CPUs: what is free now (all of an idle node's; what other pipelines leave of a shared one), so one
+    baseline uses the node and a batch's baselines take turns. On GPUs: one GPU's share of its node's CPUs, so
+    the baselines of a batch train side by side, one per GPU, instead of the first taking every CPU while the
+    other GPUs wait."""
+    cpus = min(node_cpus, free_cpus // scaling.workers)
+    if scaling.use_gpu:
+        cpus = min(cpus, cpus_per_gpu)
+    return Scaling(scaling.workers, scaling.use_gpu, max(scaling.cpus_per_worker, cpus), 1.0 if scaling.use_gpu else 0.0)
 
 
 def gpu_shares(res, gpus: float) -> tuple[float, float]:

@@ -1,0 +1,33 @@
+"""How a run shares a node's CPUs and GPUs: the baseline's workers, the probe actors, the fine-tunes."""
+
+import pytest
+
+from geoprune_ray.distributed.job import ResourceSpec
+from geoprune_ray.distributed.pipeline import baseline_scaling, gpu_shares
+from geoprune_ray.distributed.training import Scaling
+from geoprune_ray.errors import GeopruneError
+
+
+def test_a_cpu_baseline_takes_what_is_free():
+    cpu = Scaling(1, False, 0.5)
+    assert baseline_scaling(cpu, 2, 2, 0.0).cpus_per_worker == 2  # an idle 2-core node: all of it
+    assert baseline_scaling(cpu, 0, 2, 0.0).cpus_per_worker == 0.5  # another baseline holds it: wait for a turn
+    assert baseline_scaling(Scaling(2, False, 1.0), 16, 16, 0.0).cpus_per_worker == 8  # split between workers
+
+
+def test_gpu_baselines_of_a_batch_train_side_by_side():
+    gpu = Scaling(1, True, 1.0, 0.25)
+    # A 4-GPU, 16-CPU workstation: each baseline gets one GPU and its 4 CPUs, so four can train at once.
+    first = baseline_scaling(gpu, 16, 16, 4.0)
+    assert (first.cpus_per_worker, first.gpus_per_worker) == (4, 1.0)
+    assert baseline_scaling(gpu, 16 - 4, 16, 4.0).cpus_per_worker == 4
+    assert baseline_scaling(gpu, 16 - 3 * 4, 16, 4.0).cpus_per_worker == 4
+    assert baseline_scaling(gpu, 16, 16, 16.0).cpus_per_worker == 16  # one GPU: the whole node
+
+
+def test_probe_actors_leave_gpu_for_fine_tuning():
+    assert gpu_shares(ResourceSpec(), 0) == (0.0, 0.0)
+    assert gpu_shares(ResourceSpec(probe_actors=4), 1) == (0.125, 0.5)  # half the GPU for the actors
+    assert gpu_shares(ResourceSpec(probe_actors=4), 4) == (0.25, 1.0)
+    with pytest.raises(GeopruneError, match="leaving none for fine-tuning"):
+        gpu_shares(ResourceSpec(probe_actors=4, gpus_per_actor=0.25), 1)
