@@ -52,7 +52,7 @@ def markdown(result: dict[str, Any]) -> str:
     if "core" in result:
         core, pool = result["core"], result["pool"]
         lines += [f"# geoprune bench ({'quick' if result['quick'] else 'full'}) on {core['device_name']}, "
-                  f"{core['threads']} threads", "",
+                  f"{core['threads']} thread{'s' if core['threads'] != 1 else ''}", "",
                   "| model | batch | plain loop img/s | project img/s | project / plain | project TFLOP/s |",
                   "|---|---|---|---|---|---|"]
         for t in core["training"]:
@@ -95,7 +95,8 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| pruned model's MACs kept (its MACs reduction) | {pl['macs_ratio']:.3f} "
                          f"({1 / pl['macs_ratio']:.2f}×) |")
         for row in speed.get("rows", []):
-            lines.append(f"| inference batch {row['batch']} ({speed['device_name']}, {speed['threads']} threads): "
+            threads = f"{speed['threads']} thread{'s' if speed['threads'] != 1 else ''}"
+            lines.append(f"| inference batch {row['batch']} ({speed['device_name']}, {threads}): "
                          f"base / pruned latency (ms), img/s, speed-up | {row['base_latency_ms']:.2f} / "
                          f"{row['pruned_latency_ms']:.2f}, {row['base_throughput']:.0f} / {row['pruned_throughput']:.0f}, "
                          f"{row['speedup']:.2f}× |")
