@@ -103,5 +103,7 @@ def test_interrupted_driver_resumes_without_rerunning_steps(full_run, digits_wei
     first_log, second_log = log_path.read_text(), (tmp_path / "second.log").read_text()
     assert "probes: 8/8 probes done" in first_log and "sensitivity (5 groups): " in first_log  # live progress
     assert "fine-tune adaptive: epoch 2/2" in second_log and "ETA" in second_log
+    for text in (first_log, second_log):  # the run's own lines, not Tune's console box and result paths
+        assert "Configuration for experiment" not in text and "View detailed results here" not in text
     assert summary["controller"]["r_star"] == uninterrupted["controller"]["r_star"]
     assert summary["tau"] == pytest.approx(uninterrupted["tau"], abs=1e-9)

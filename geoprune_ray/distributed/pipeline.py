@@ -11,6 +11,7 @@ with ``Tuner.restore`` and its searcher continues the controller where it stoppe
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -317,7 +318,8 @@ class Pipeline:
                 run_config=tune.RunConfig(name=EXPERIMENT, storage_path=self.run.uri("tune"), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=2)),
             )
-        results = tuner.fit()
+        with _tune_console_quiet():
+            results = tuner.fit()
         rows = []
         for result in results:
             metrics = result.metrics or {}
@@ -330,6 +332,22 @@ class Pipeline:
             rows.append(row)
         return sorted(rows, key=lambda r: (r["kind"] != "step", r["step"] if r["step"] is not None else 1e9,
                                            r["started"] or 0))
+
+
+@contextlib.contextmanager
+def _tune_console_quiet():
+    """Tune's console output prints an experiment box and result paths even at ``verbose=0`` (the box says
+    "Number of trials 9223372036854775807" for ``num_samples=-1``); with its legacy reporter ``verbose=0``
+    is silent. The run's own progress lines say what a user follows; the environment is put back after."""
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 @ray.remote
