@@ -52,7 +52,7 @@ def markdown(result: dict[str, Any]) -> str:
     if "core" in result:
         core, pool = result["core"], result["pool"]
         lines += [f"# geoprune bench ({'quick' if result['quick'] else 'full'}) on {core['device_name']}, "
-                  f"{core['threads']} thread{'s' if core['threads'] != 1 else ''}", "",
+                  f"{_threads(core['threads'])}", "",
                   "| model | batch | plain loop img/s | project img/s | project / plain | project TFLOP/s |",
                   "|---|---|---|---|---|---|"]
         for t in core["training"]:
@@ -90,18 +90,20 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"| search overhead: (probes + sensitivity + controller) / final fine-tune | "
                   f"{overhead:.2f} |" if overhead is not None else "| search overhead | n/a |",
                   f"| peak memory, all processes (PSS, GiB) | {pl['peak_pss_gib']:.2f} |"]
-        speed = pl.get("speed") or {}
-        if "macs_ratio" in pl:
-            lines.append(f"| pruned model's MACs kept (its MACs reduction) | {pl['macs_ratio']:.3f} "
-                         f"({1 / pl['macs_ratio']:.2f}×) |")
+        speed, kept = pl.get("speed") or {}, pl.get("macs_ratio")
+        if kept:
+            lines.append(f"| pruned model's MACs kept (its MACs reduction) | {kept:.3f} ({1 / kept:.2f}×) |")
         for row in speed.get("rows", []):
-            threads = f"{speed['threads']} thread{'s' if speed['threads'] != 1 else ''}"
-            lines.append(f"| inference batch {row['batch']} ({speed['device_name']}, {threads}): "
+            lines.append(f"| inference batch {row['batch']} ({speed['device_name']}, {_threads(speed['threads'])}): "
                          f"base / pruned latency (ms), img/s, speed-up | {row['base_latency_ms']:.2f} / "
                          f"{row['pruned_latency_ms']:.2f}, {row['base_throughput']:.0f} / {row['pruned_throughput']:.0f}, "
                          f"{row['speedup']:.2f}× |")
-            if "macs_ratio" in pl:
+            if kept:
                 lines.append(f"| … batch {row['batch']} speed-up as a fraction of the MACs reduction | "
-                             f"{row['speedup'] * pl['macs_ratio']:.2f} |")
+                             f"{row['speedup'] * kept:.2f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread{'s' if n != 1 else ''}"

@@ -11,7 +11,6 @@ with ``Tuner.restore`` and its searcher continues the controller where it stoppe
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import math
@@ -19,6 +18,7 @@ import os
 import socket
 import tempfile
 import time
+import unittest.mock
 import uuid
 from pathlib import Path
 from typing import Any, Optional
@@ -334,20 +334,11 @@ class Pipeline:
                                            r["started"] or 0))
 
 
-@contextlib.contextmanager
 def _tune_console_quiet():
     """Tune's console output prints an experiment box and result paths even at ``verbose=0`` (the box says
     "Number of trials 9223372036854775807" for ``num_samples=-1``); with its legacy reporter ``verbose=0``
     is silent. The run's own progress lines say what a user follows; the environment is put back after."""
-    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = before
+    return unittest.mock.patch.dict(os.environ, {"RAY_AIR_NEW_OUTPUT": "0"})
 
 
 @ray.remote
