@@ -12,6 +12,7 @@ from conftest import small_method
 from geoprune_ray.core.geometry import Calibration, GeometryMeter
 from geoprune_ray.core.method import PruneTarget, measure, probe_ratios
 from geoprune_ray.core.pruning import dependency_groups
+from geoprune_ray.distributed.holder import share
 from geoprune_ray.distributed.probes import PoolSpec, ProbePool
 from geoprune_ray.distributed.sensitivity import run_sensitivity
 
@@ -58,7 +59,7 @@ def test_actor_delta_g_equals_in_process(setup, digits_model):
 def test_sensitivity_tasks_match_in_process(setup, digits_model):
     calibration, meter, base = setup
     names = [g.name for g in dependency_groups(base, TARGET.input_shape, 10)]
-    rows = run_sensitivity(digits_model, calibration, TARGET, True, names, 0.5, chunks=2)
+    rows = run_sensitivity(share(digits_model, calibration), TARGET, True, names, 0.5, chunks=2)
     assert set(rows) == set(names)
     for name in names:
         assert rows[name]["delta_g"] == pytest.approx(measure(base, meter, {name: 0.5}, TARGET).delta_g, abs=1e-4)

@@ -9,9 +9,21 @@ and holds refs, not copies; the driver owns the objects and keeps them alive.
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import TYPE_CHECKING, Any
 
 import ray
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..core.geometry import Calibration
+
+
+def share(base: "nn.Module", calibration: "Calibration") -> dict[str, ray.ObjectRef]:
+    """One CPU copy of the base model and of the calibration set in the object store, owned by the caller:
+    the probe actors (through the holder) and the sensitivity tasks all read these two."""
+    return {"base": ray.put(copy.deepcopy(base).cpu()), "calibration": ray.put(calibration.to("cpu"))}
 
 
 def holder_name(run_id: str) -> str:

@@ -211,7 +211,7 @@ class Pipeline:
         if not self.stage("sensitivity"):
             chunks = spec.resources.sensitivity_tasks or max(1, math.ceil(len(groups) / 2))
             log.info("stage sensitivity: %d groups in %d Ray tasks", len(groups), chunks)
-            rows = run_sensitivity(model, calibration, target, cfg.bn_recalibration, list(channels),
+            rows = run_sensitivity(pool.shared, target, cfg.bn_recalibration, list(channels),
                                    cfg.sensitivity_ratio, chunks, gpus=gpus_per_actor,
                                    gather=lambda refs: progress.gather(refs, f"sensitivity ({len(groups)} groups)",
                                                                        "tasks"))

@@ -22,7 +22,7 @@ from torch import nn
 from ..core.geometry import Calibration, GeometryMeter
 from ..core.method import PruneTarget, measure
 from ..core.pruning import macs_params, prune_copy, replay_pruning
-from .holder import SharedObjects, fetch, holder_name
+from .holder import SharedObjects, fetch, holder_name, share
 
 log = logging.getLogger("geoprune_ray")
 MAX_RESTARTS = 3
@@ -101,15 +101,15 @@ class ProbePool:
 
     def __init__(self, base: nn.Module, calibration: Calibration, target: PruneTarget, bn_recalibration: bool,
                  spec: PoolSpec, run_id: str):
-        # One copy of each in the object store, read by every actor; the driver owns them (self._shared).
-        self._shared = {"base": ray.put(copy.deepcopy(base).cpu()), "calibration": ray.put(calibration.to("cpu"))}
+        # One copy of each in the object store, read by every actor (and the sensitivity tasks); the driver owns them.
+        self.shared = share(base, calibration)
         self.names = [actor_name(run_id, i) for i in range(spec.actors)]
         for name in [holder_name(run_id), *self.names]:
             try:  # a resumed driver finds its actors gone with the old cluster, or still alive in a shared one
                 ray.kill(ray.get_actor(name))
             except ValueError:
                 pass
-        self.holder = SharedObjects.options(name=holder_name(run_id)).remote(self._shared)
+        self.holder = SharedObjects.options(name=holder_name(run_id)).remote(self.shared)
         options = {"num_cpus": spec.cpus_per_actor, "num_gpus": spec.gpus_per_actor, "lifetime": None}
         self.actors = [ProbeActor.options(name=name, **options).remote(run_id, target, bn_recalibration)
                        for name in self.names]

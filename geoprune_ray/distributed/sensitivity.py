@@ -1,6 +1,7 @@
 """Per-group sensitivity (METHOD.md §5) as Ray tasks: one task per chunk of dependency groups.
 
-The base model and calibration set go into the object store once; each task measures ΔG_L for
+The tasks read the base model and calibration set from the object store copies the probe pool
+already holds (``holder.share``), so they are not put twice; each task measures ΔG_L for
 its groups with the same ``core.method.measure`` the in-process reference uses. The driver turns
 the answers into τ_L and the allocation (``core.method``).
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ray
 import torch
@@ -40,12 +41,12 @@ def chunked(items: Sequence[str], chunks: int) -> list[list[str]]:
     return [list(items[i::chunks]) for i in range(chunks)]
 
 
-def run_sensitivity(base: nn.Module, calibration: Calibration, target: PruneTarget, bn_recalibration: bool,
+def run_sensitivity(shared: Mapping[str, ray.ObjectRef], target: PruneTarget, bn_recalibration: bool,
                     names: Sequence[str], ratio: float, chunks: int, cpus: float = 0.5,
                     gpus: float = 0.0, gather: Callable[[list], list] = ray.get) -> dict[str, dict[str, Any]]:
-    """ΔG_L for every group in ``names``, fanned out over ``chunks`` Ray tasks; keyed by group."""
-    base_ref, cal_ref = ray.put(copy.deepcopy(base).cpu()), ray.put(calibration.to("cpu"))
+    """ΔG_L for every group in ``names``, fanned out over ``chunks`` Ray tasks; keyed by group. ``shared``: the
+    object refs of the base model and calibration set (``holder.share``; a probe pool's ``shared``)."""
     task = sensitivity_chunk.options(num_cpus=cpus, num_gpus=gpus)
-    refs = [task.remote(base_ref, cal_ref, target, bn_recalibration, chunk, ratio) for chunk in chunked(names, chunks)]
+    refs = [task.remote(shared["base"], shared["calibration"], target, bn_recalibration, chunk, ratio) for chunk in chunked(names, chunks)]
     rows = [row for chunk_rows in gather(refs) for row in chunk_rows]
     return {row["group"]: row for row in rows}
