@@ -12,6 +12,7 @@ from conftest import small_method
 from geoprune_ray.core.geometry import Calibration, GeometryMeter
 from geoprune_ray.core.method import PruneTarget, measure, probe_ratios
 from geoprune_ray.core.pruning import dependency_groups
+from geoprune_ray.errors import GeopruneError
 from geoprune_ray.distributed.holder import share
 from geoprune_ray.distributed.probes import PoolSpec, ProbePool
 from geoprune_ray.distributed.sensitivity import run_sensitivity
@@ -54,6 +55,17 @@ def test_actor_delta_g_equals_in_process(setup, digits_model):
     (driver_log,) = logs.glob(f"python-core-driver-*_{os.getpid()}.log")
     warned = [line for line in driver_log.read_text().splitlines() if "constructor arguments in the object store" in line]
     assert not [line for line in warned if "'ProbeActor'" in line], warned
+
+
+def test_a_pool_that_cannot_be_placed_fails_with_one_line(setup, digits_model):
+    calibration, _, _ = setup
+    # 3 CPUs per actor on a 2-CPU cluster: Ray would keep the actor pending for ever
+    with pytest.raises(GeopruneError, match=r"1 of 1 probe actors could not start within 2 s: each asks for 3 CPU; "
+                                            r"the cluster has 2 CPU free of 2 \(lower resources.cpus_per_actor"):
+        ProbePool(digits_model, calibration, TARGET, True, PoolSpec(1, 3.0), "probe-unplaced", start_timeout_s=2)
+    for name in ("geoprune-probe-unplaced-probe-0", "geoprune-probe-unplaced-shared"):  # nothing left behind
+        with pytest.raises(ValueError):
+            ray.get_actor(name)
 
 
 def test_sensitivity_tasks_match_in_process(setup, digits_model):

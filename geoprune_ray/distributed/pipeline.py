@@ -36,7 +36,7 @@ from ..core.speed import compare_speed
 from ..core.train import evaluate
 from ..errors import GeopruneError, Interrupted
 from .job import JobSpec
-from .probes import PoolSpec, ProbePool
+from .probes import START_TIMEOUT_S, PoolSpec, ProbePool
 from .progress import Progress
 from .rundir import RunDir
 from .searcher import RatioSearcher
@@ -175,7 +175,7 @@ class Pipeline:
         calibration = Calibration.from_dataset(train_set, cfg)
         pool = ProbePool(model, calibration, target, cfg.bn_recalibration,
                          PoolSpec(spec.resources.probe_actors, spec.resources.cpus_per_actor, gpus_per_actor),
-                         self.state["run_id"])
+                         self.state["run_id"], max(START_TIMEOUT_S, spec.resources.wait_for_gpu_s))
         self.timings["actor_startup"] = time.time() - started  # one-time start-up, reported beside the stages
         started = time.time()
         if not self.stage("probes"):

@@ -22,10 +22,12 @@ from torch import nn
 from ..core.geometry import Calibration, GeometryMeter
 from ..core.method import PruneTarget, measure
 from ..core.pruning import macs_params, prune_copy, replay_pruning
+from ..errors import GeopruneError
 from .holder import SharedObjects, fetch, holder_name, share
 
 log = logging.getLogger("geoprune_ray")
 MAX_RESTARTS = 3
+START_TIMEOUT_S = 600.0  # long enough for an autoscaler to add a node; a request that never fits fails then
 
 
 @ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
@@ -100,7 +102,7 @@ class ProbePool:
     """Named probe actors started once per run; calls fan out in ``spread`` order and come back in order."""
 
     def __init__(self, base: nn.Module, calibration: Calibration, target: PruneTarget, bn_recalibration: bool,
-                 spec: PoolSpec, run_id: str):
+                 spec: PoolSpec, run_id: str, start_timeout_s: float = START_TIMEOUT_S):
         # One copy of each in the object store, read by every actor (and the sensitivity tasks); the driver owns them.
         self.shared = share(base, calibration)
         self.names = [actor_name(run_id, i) for i in range(spec.actors)]
@@ -113,7 +115,18 @@ class ProbePool:
         options = {"num_cpus": spec.cpus_per_actor, "num_gpus": spec.gpus_per_actor, "lifetime": None}
         self.actors = [ProbeActor.options(name=name, **options).remote(run_id, target, bn_recalibration)
                        for name in self.names]
-        self.identities = ray.get([a.info.remote() for a in self.actors])
+        started = [a.info.remote() for a in self.actors]
+        _, pending = ray.wait(started, num_returns=len(started), timeout=start_timeout_s)
+        if pending:  # Ray would wait for ever for resources that never come free
+            free, total = ray.available_resources(), ray.cluster_resources()
+            self.shutdown()
+            gpus = f" and {spec.gpus_per_actor:g} GPU" if spec.gpus_per_actor else ""
+            have = ", ".join(f"{free.get(k, 0):g} {k} free of {total[k]:g}" for k in ("CPU", "GPU") if total.get(k))
+            raise GeopruneError(f"{len(pending)} of {len(started)} probe actors could not start within "
+                                f"{start_timeout_s:g} s: each asks for {spec.cpus_per_actor:g} CPU{gpus}; the "
+                                f"cluster has {have}",
+                                "lower resources.cpus_per_actor or resources.probe_actors, or add nodes")
+        self.identities = ray.get(started)
         log.info("%d probe actors ready: %s", len(self.actors),
                  ", ".join(f"pid {i['pid']} on {i['device']}" for i in self.identities))
 
