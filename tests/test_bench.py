@@ -11,7 +11,7 @@ from conftest import PIPELINE_METHOD
 from geoprune_ray.app.cli import main
 from geoprune_ray.bench import markdown
 from geoprune_ray.bench.core import data_path, probe_parts, training_throughput
-from geoprune_ray.bench.pool import pool_speedup
+from geoprune_ray.bench.pool import cpu_share, pool_speedup
 
 CPU = torch.device("cpu")
 
@@ -36,6 +36,7 @@ def test_pool_agrees_with_sequential_probes(ray_cluster):
     r = pool_speedup(width=0.125, probes=4, calib_per_class=4, size=16, repeats=1)
     assert r["max_abs_delta_g_diff"] < 1e-5  # the same ΔG from the actors as in one process
     assert len(r["pids"]) == 2
+    assert 0 < r["cpus_per_actor"] <= 1.0 and cpu_share(8) <= 0.25  # a whole CPU each where it fits, else a share
     assert r["speedup"] == pytest.approx(r["sequential_s"] / r["pool_s"])
     assert r["process_ceiling"] == pytest.approx(r["sequential_s"] / r["processes_s"])
     assert "machine's ceiling" in markdown({"quick": True, "ray_startup_s": 1.0, "pool": r, "core": {

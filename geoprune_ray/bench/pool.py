@@ -12,6 +12,7 @@ pool's speed-up as a fraction of that ceiling.
 from __future__ import annotations
 
 import copy
+import math
 import multiprocessing as mp
 import queue
 import statistics
@@ -76,6 +77,13 @@ def process_ceiling(setup_args: tuple, ratios: list[float], processes: int) -> f
     return max(times)
 
 
+def cpu_share(actors: int) -> float:
+    """Each actor's CPU request: a whole CPU where the free CPUs allow, else an equal share of them. Ray has been
+    seen to keep a sliver (0.01 CPU) of a finished job's trial actor, and a pool that asks for every CPU of the
+    machine would then wait for ever. The request only places the actors; each runs one thread either way."""
+    return min(1.0, math.floor(100 * ray.available_resources().get("CPU", 0.0) / actors) / 100)
+
+
 def pool_speedup(arch: str = "resnet18", width: float = 0.25, probes: int = 8, actors: int = 2,
                  calib_per_class: int = 50, classes: int = 10, size: int = 32, gpus_per_actor: float = 0.0,
                  repeats: int = 3) -> dict[str, Any]:
@@ -88,7 +96,8 @@ def pool_speedup(arch: str = "resnet18", width: float = 0.25, probes: int = 8, a
     meter = GeometryMeter(calibration.to(device))
     model = copy.deepcopy(base).to(device)
     meter.set_reference(model)
-    pool = ProbePool(base, calibration, target, True, PoolSpec(actors, 1.0, gpus_per_actor), run_id="bench")
+    cpus = cpu_share(actors)
+    pool = ProbePool(base, calibration, target, True, PoolSpec(actors, cpus, gpus_per_actor), run_id="bench")
     sequential_s, pool_s = [], []
     try:
         pool.map("measure", [(ratios[0],)] * actors)  # warm-up, one per actor
@@ -107,7 +116,7 @@ def pool_speedup(arch: str = "resnet18", width: float = 0.25, probes: int = 8, a
     diff = max(abs(a - b["delta_g"]) for a, b in zip(sequential, records))
     seq, par = statistics.median(sequential_s), statistics.median(pool_s)
     result = {"arch": arch, "width": width, "probes": probes, "actors": actors, "threads_total": actors,
-              "repeats": repeats, "sequential_s": seq, "pool_s": par, "speedup": seq / par,
+              "cpus_per_actor": cpus, "repeats": repeats, "sequential_s": seq, "pool_s": par, "speedup": seq / par,
               "sequential_runs_s": sequential_s, "pool_runs_s": pool_s,
               "max_abs_delta_g_diff": diff, "pids": sorted({r["pid"] for r in records})}
     if device == "cpu":
