@@ -12,10 +12,10 @@ from conftest import small_method
 from geoprune_ray.core.geometry import Calibration, GeometryMeter
 from geoprune_ray.core.method import PruneTarget, measure, probe_ratios
 from geoprune_ray.core.pruning import dependency_groups
-from geoprune_ray.errors import GeopruneError
 from geoprune_ray.distributed.holder import share
 from geoprune_ray.distributed.probes import PoolSpec, ProbePool
 from geoprune_ray.distributed.sensitivity import run_sensitivity
+from geoprune_ray.errors import GeopruneError
 
 TARGET = PruneTarget((3, 8, 8), 10)
 

@@ -47,6 +47,7 @@ def run_sensitivity(shared: Mapping[str, ray.ObjectRef], target: PruneTarget, bn
     """ΔG_L for every group in ``names``, fanned out over ``chunks`` Ray tasks; keyed by group. ``shared``: the
     object refs of the base model and calibration set (``holder.share``; a probe pool's ``shared``)."""
     task = sensitivity_chunk.options(num_cpus=cpus, num_gpus=gpus)
-    refs = [task.remote(shared["base"], shared["calibration"], target, bn_recalibration, chunk, ratio) for chunk in chunked(names, chunks)]
+    refs = [task.remote(shared["base"], shared["calibration"], target, bn_recalibration, chunk, ratio)
+            for chunk in chunked(names, chunks)]
     rows = [row for chunk_rows in gather(refs) for row in chunk_rows]
     return {row["group"]: row for row in rows}
