@@ -178,10 +178,10 @@ def gc_ratio(deltas: Mapping[float, float], budget: float = GC_BUDGET) -> float:
 
 def ratio_for_macs(target_macs: float, macs_at: Callable[[float], float], r_max: float = 0.9,
                    tolerance: float = 0.01, max_steps: int = 30) -> float:
-    """Uniform arm: bisect the uniform ratio whose MACs are within ``tolerance`` of ``target_macs``.
+    """Uniform arm, first part: bisect the uniform ratio whose MACs are within ``tolerance`` of ``target_macs``.
 
     ``macs_at(r)`` is decreasing in r; returns the closest ratio found if the tolerance is not met
-    (channel counts are integers, so MACs move in steps).
+    (channel counts are integers, so MACs move in steps: ``match_macs`` closes the rest).
     """
     lo, hi = 0.0, r_max
     best, best_err = 0.0, abs(macs_at(0.0) - target_macs) / target_macs
@@ -195,6 +195,62 @@ def ratio_for_macs(target_macs: float, macs_at: Callable[[float], float], r_max:
             break
         lo, hi = (mid, hi) if macs > target_macs else (lo, mid)
     return best
+
+
+@dataclass
+class MacsMatch:
+    """The uniform arm's pruning: one ratio for every group, then single groups moved by one channel step."""
+
+    ratio: float  # the bisected uniform ratio
+    ratios: dict[str, float]  # per group, what ``prune_copy`` takes (exact kept counts)
+    macs: int
+    gap: float  # (macs − target) / target
+    adjusted: dict[str, int]  # group → kept-channel change against the uniform ratio (+ keeps more)
+    within: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def match_macs(target_macs: float, macs_of: Callable[[Mapping[str, float] | float], float],
+               channels: Mapping[str, int], r_max: float = 0.9, tolerance: float = 0.01,
+               round_to: Optional[int] = None, max_moves: int = 200) -> MacsMatch:
+    """Uniform L2 at Adaptive GC's MACs (METHOD.md §7): bisect one ratio, then move single groups' kept counts by
+    one channel (``round_to`` channels where rounding applies), largest groups first, until MACs are within
+    ``tolerance``. A move is kept only when it brings MACs closer; when no move does, the gap stays and
+    ``within`` is False (the caller warns)."""
+    from .pruning import kept_channels, rounding_step
+
+    ratio = ratio_for_macs(target_macs, macs_of, r_max, tolerance)
+    kept = {g: kept_channels(n, ratio, round_to) for g, n in channels.items()}
+    base_kept = dict(kept)
+
+    def as_ratios(counts: Mapping[str, int]) -> dict[str, float]:
+        return {g: (channels[g] - k) / channels[g] for g, k in counts.items()}
+
+    macs = macs_of(as_ratios(kept))
+    err = (macs - target_macs) / target_macs
+    order = sorted(channels, key=lambda g: (-channels[g], g))
+    moves = 0
+    while abs(err) > tolerance and moves < max_moves:
+        moved = False
+        for g in order:
+            step = rounding_step(channels[g], round_to)
+            k = kept[g] + (-step if err > 0 else step)  # too many MACs: keep fewer channels
+            if not 1 <= k <= channels[g] or (channels[g] - k) / channels[g] > r_max:
+                continue
+            trial = {**kept, g: k}
+            trial_macs = macs_of(as_ratios(trial))
+            trial_err = (trial_macs - target_macs) / target_macs
+            moves += 1
+            if abs(trial_err) < abs(err):
+                kept, macs, err, moved = trial, trial_macs, trial_err, True
+                if abs(err) <= tolerance:
+                    break
+        if not moved:
+            break
+    adjusted = {g: kept[g] - base_kept[g] for g in order if kept[g] != base_kept[g]}
+    return MacsMatch(ratio, as_ratios(kept), int(macs), err, adjusted, abs(err) <= tolerance)
 
 
 # ---------------------------------------------------------------- the unit of work

@@ -86,6 +86,11 @@ def kept_channels(channels: int, ratio: float, round_to: Optional[int] = None) -
     return keep
 
 
+def rounding_step(channels: int, round_to: Optional[int] = None) -> int:
+    """The smallest change of a group's kept count that ``kept_channels`` can produce."""
+    return round_to if round_to and channels >= round_to else 1
+
+
 def check_ratio(name: str, ratio: float) -> None:
     if not 0.0 <= float(ratio) < 1.0:
         raise GeopruneError(f"pruning ratio {ratio} for {name} is outside [0, 1)",
