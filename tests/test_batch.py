@@ -43,7 +43,7 @@ def test_batch_runs_two_architectures_concurrently(ray_cluster, digits_weights, 
     spans = {}
     for name, job in record["jobs"].items():
         stages = job["stages"]
-        assert {"probes", "sensitivity", "tune", "artifacts"} <= set(stages)
+        assert {"probes", "sensitivity", "controller", "arms", "finetune", "artifacts"} <= set(stages)
         spans[name] = [(s["started"], s["finished"]) for s in stages.values()]
     overlapping = [(a, b) for a in spans["convnet"] for b in spans["resnet18"] if max(a[0], b[0]) < min(a[1], b[1])]
     assert overlapping, spans  # the two pipelines ran at the same time, not one after the other

@@ -22,13 +22,14 @@ def run_bench(output: str, quick: bool, device: Optional[str] = None, job: Optio
 
     if job is not None:
         from ..app.spec import load_spec
-        from .pipeline import adaptive_only, pipeline_split
+        from .pipeline import job_bench
 
-        spec = adaptive_only(load_spec(job).to_dict())
+        spec = load_spec(job).to_dict()
         started = time.perf_counter()
         connect(None)
-        result: dict[str, Any] = {"quick": quick, "job": job, "ray_startup_s": time.perf_counter() - started,
-                                  "pipeline": pipeline_split(spec)}
+        ray_startup = time.perf_counter() - started
+        result: dict[str, Any] = {"quick": quick, "job": job, "ray_startup_s": ray_startup,
+                                  **job_bench(spec, ray_startup)}
     else:
         from .core import run_core
         from .pipeline import run_pipeline
@@ -78,10 +79,24 @@ def markdown(result: dict[str, Any]) -> str:
                       f"process | {pool['process_ceiling']:.2f}× |",
                       f"| … pool speed-up as a fraction of that ceiling | {pool['pool_efficiency']:.2f} |"]
     else:
-        lines += [f"# geoprune bench --job {result['job']} (comparison arms off)", "", "| figure | value |", "|---|---|",
-                  f"| Ray start-up, one-time (s) | {result['ray_startup_s']:.1f} |"]
+        local = result["in_process"]
+        lines += [f"# geoprune bench --job {result['job']}", "", "| figure | value |", "|---|---|",
+                  f"| Ray: adaptive arm only, Ray start-up included (s) | {result['ray_wall_s']:.1f} |",
+                  f"| one process (adaptive_prune, {_threads(local['threads'])}) (s) | {local['wall_s']:.1f} |",
+                  f"| **distribution overhead**: Ray / one process | **{result['distribution_overhead']:.2f}×** |",
+                  f"| … τ, r*, baseline top-1: Ray / one process | {result['pipeline']['tau']:.4f} / "
+                  f"{local['tau']:.4f}, {result['pipeline']['r_star']:.4f} / {local['r_star']:.4f}, "
+                  f"{result['pipeline']['baseline_top1']:.2f} / {local['baseline_top1']:.2f} |"]
+        lines += [f"| … one process: {k} (s) | {v:.1f} |" for k, v in local["timings_s"].items()]
+        if "all_arms" in result:
+            lines += [f"| Ray: all arms ({', '.join(result['all_arms']['job']['protocol']['arms'])}) (s) | "
+                      f"{result['all_arms']['wall_s']:.1f} |",
+                      f"| … all arms / adaptive only | {result['all_arms_over_adaptive']:.2f}× |"]
+        lines += [f"| Ray start-up, one-time (s) | {result['ray_startup_s']:.1f} |"]
     if "train_launch" in result:
-        lines.append(f"| one Ray Train launch (0 epochs) (s) | {result['train_launch']['launch_s']:.1f} |")
+        tl = result["train_launch"]
+        lines.append(f"| one Ray Train launch (0 epochs) (s): start-up / worker / checkpoint + teardown | "
+                     f"{tl['launch_s']:.1f}: {tl['startup_s']:.1f} / {tl['worker_s']:.1f} / {tl['end_s']:.1f} |")
     if "pipeline" in result:
         pl, t = result["pipeline"], result["pipeline"]["timings_s"]
         lines.append(f"| {'reduced ' if 'core' in result else ''}pipeline wall time (s) | {pl['wall_s']:.1f} |")
@@ -90,6 +105,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [f"| search overhead: (probes + sensitivity + controller) / final fine-tune | "
                   f"{overhead:.2f} |" if overhead is not None else "| search overhead | n/a |",
                   f"| peak memory, all processes (PSS, GiB) | {pl['peak_pss_gib']:.2f} |"]
+        if pl.get("gpu_busy") is not None:
+            lines.append(f"| GPU busy over the run (NVML, 1 s samples) | {pl['gpu_busy']:.0%} |")
         speed, kept = pl.get("speed") or {}, pl.get("macs_ratio")
         if kept:
             lines.append(f"| pruned model's MACs kept (its MACs reduction) | {kept:.3f} ({1 / kept:.2f}×) |")

@@ -1,5 +1,7 @@
 """Pipeline-level figures: the cost of one Ray Train launch, the pipeline's wall time by stage, its
-search overhead against the final fine-tune, and the peak memory of all its processes."""
+search overhead against the final fine-tune, the peak memory of all its processes (and, on a GPU,
+the GPU's busy fraction), and the distribution overhead: the pipeline's wall time against the
+same spec run in one process (``core.reference.adaptive_prune``), measured in the same bench run."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import ray
 import torch
@@ -51,18 +53,36 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
+def _gpu_busy() -> Optional[float]:
+    """The GPU's utilisation (%) over the last sample period as NVML reports it; None without a GPU or NVML."""
+    try:
+        return float(torch.cuda.utilization()) if torch.cuda.is_available() else None
+    except Exception:  # NVML missing (no nvidia-ml-py): no figure rather than a failed bench
+        return None
+
+
 class PeakMemory:
     """Samples the summed PSS of this process and all its descendants (an embedded Ray's GCS, raylet,
-    workers and actors are all started below the driver) every ``interval`` seconds."""
+    workers and actors are all started below the driver) every ``interval`` seconds, and the GPU's
+    utilisation where there is one. (Reading every process's smaps costs system time: sampling once
+    a second keeps the bench's own load off the figures it measures.)"""
 
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, interval: float = 1.0):
         self.peak = 0
+        self.gpu_samples: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
+
+    @property
+    def gpu_busy(self) -> Optional[float]:
+        return sum(self.gpu_samples) / len(self.gpu_samples) / 100 if self.gpu_samples else None
 
     def _loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
             self.peak = max(self.peak, sum(_pss_bytes(p) for p in _tree(os.getpid())))
+            busy = _gpu_busy()
+            if busy is not None:
+                self.gpu_samples.append(busy)
 
     def __enter__(self) -> "PeakMemory":
         self._thread.start()
@@ -74,19 +94,25 @@ class PeakMemory:
 
 
 def train_launch_cost(repeats: int = 2) -> dict[str, Any]:
-    """Wall time of a Ray Train run that trains nothing (0 epochs, 64 test images): the fixed cost of a launch."""
+    """Wall time of a Ray Train run that trains nothing (0 epochs, 64 test images): the fixed cost of a launch, split
+    into start-up (controller, worker group and process group, up to the worker's first line), the worker's own
+    work, and the end (the final checkpoint's upload, teardown, the result back in the caller)."""
     card = ModelCard("convnet", 10, 3, 0.25, (3, 8, 8), (0.5,) * 3, (0.25,) * 3)
     data = synthetic_set(64, 10, (3, 8, 8))
     data_ref = ray.put((data, data))
-    state = build_model("convnet", 10, 3, 0.25).state_dict()
-    times = []
+    state_ref = ray.put(build_model("convnet", 10, 3, 0.25).state_dict())
+    runs = []
     with tempfile.TemporaryDirectory(prefix="geoprune-bench-") as storage:
         for i in range(repeats):
-            start = time.perf_counter()
-            fit(card, [], state, data_ref, TrainConfig(epochs=0, batch_size=64), Scaling(1, False, 0.5), storage,
-                name=f"launch-{i}")
-            times.append(time.perf_counter() - start)
-    return {"launch_s": min(times), "repeats": times}
+            start = time.time()
+            _, _, metrics = fit(card, state_ref, data_ref, TrainConfig(epochs=0, batch_size=64),
+                                Scaling(1, False, 0.5), storage, name=f"launch-{i}")
+            end = time.time()
+            runs.append({"launch_s": end - start, "startup_s": metrics["worker_entered"] - start,
+                         "worker_s": metrics["worker_reported"] - metrics["worker_entered"],
+                         "end_s": end - metrics["worker_reported"]})
+    best = min(runs, key=lambda r: r["launch_s"])
+    return {**best, "repeats": [r["launch_s"] for r in runs]}
 
 
 def reduced_job(quick: bool) -> dict[str, Any]:
@@ -114,9 +140,42 @@ def pipeline_split(job: dict[str, Any]) -> dict[str, Any]:
     finetune = t.get("finetune_trials", 0.0)
     return {"job": job, "wall_s": time.perf_counter() - started, "timings_s": t, "search_s": search,
             "final_finetune_s": finetune, "search_overhead": search / finetune if finetune else None,
-            "peak_pss_gib": memory.peak / 2**30, "r_star": summary["controller"]["r_star"],
-            "top1": summary["pruned"]["top1"], "macs_ratio": summary["pruned"]["macs_ratio"],
-            "speed": summary.get("speed")}
+            "peak_pss_gib": memory.peak / 2**30, "gpu_busy": memory.gpu_busy, "r_star": summary["controller"]["r_star"],
+            "tau": summary["tau"], "baseline_top1": summary["baseline"]["top1"], "top1": summary["pruned"]["top1"],
+            "macs_ratio": summary["pruned"]["macs_ratio"], "speed": summary.get("speed"),
+            "timeline": summary.get("timeline")}
+
+
+def in_process(job: dict[str, Any]) -> dict[str, Any]:
+    """The same spec, adaptive arm only, through ``adaptive_prune`` in this process (its own threads): the yardstick
+    of the distribution overhead."""
+    from ..core.reference import adaptive_prune
+
+    spec = JobSpec.from_dict(job)
+    baseline = spec.baseline_config() if spec.model.weights is None and spec.protocol.baseline_epochs > 0 else None
+    started = time.perf_counter()
+    result = adaptive_prune(spec.model.name, spec.data.name, spec.data.name, method=spec.method_config(),
+                            baseline=baseline, finetune_cfg=spec.finetune_config(), width=spec.model.width,
+                            weights=spec.model.weights, input_size=spec.model.input_size,
+                            data_dir=spec.data.data_dir, download=spec.data.download)
+    s = result.summary
+    return {"wall_s": time.perf_counter() - started, "threads": torch.get_num_threads(), "timings_s": s["timings_s"],
+            "r_star": s["controller"]["r_star"], "tau": s["tau"], "baseline_top1": s["baseline"]["top1"],
+            "top1": s["pruned"]["top1"], "macs_ratio": s["pruned"]["macs_ratio"]}
+
+
+def job_bench(job: dict[str, Any], ray_startup_s: float) -> dict[str, Any]:
+    """``geoprune bench --job``: the Ray pipeline (adaptive arm only, Ray's start-up included) against the same spec
+    in one process, their ratio (the distribution overhead), and the pipeline's wall time with every arm the spec
+    names."""
+    pipeline = pipeline_split(adaptive_only(job))
+    local = in_process(adaptive_only(job))
+    result = {"pipeline": pipeline, "in_process": local, "ray_wall_s": ray_startup_s + pipeline["wall_s"],
+              "distribution_overhead": (ray_startup_s + pipeline["wall_s"]) / local["wall_s"]}
+    if len(job.get("protocol", {}).get("arms") or ["adaptive"]) > 1:
+        result["all_arms"] = pipeline_split(job)
+        result["all_arms_over_adaptive"] = result["all_arms"]["wall_s"] / pipeline["wall_s"]
+    return result
 
 
 def run_pipeline(quick: bool) -> dict[str, Any]:

@@ -27,14 +27,14 @@ from ..errors import GeopruneError
 from .config import MethodConfig, TrainConfig, finetune_defaults
 from .data import Dataset, load_dataset
 from .geometry import Calibration, GeometryMeter
-from .method import (Controller, PruneTarget, allocate, initial_ratio, layer_budgets, measure, probe_ratios, tau,
-                     weighted_ratio)
+from . import protocol
+from .method import PruneTarget, allocate, measure, probe_ratios, weighted_ratio
 from .models import build_model, default_input_size, load_weights
-from .pruning import ModelCard, dependency_groups, macs_params, prune_copy, save_pruned
-from .train import evaluate, finetune, pick_device, train
+from .pruning import ModelCard, dependency_groups, macs_params, save_pruned
+from .protocol import SCHEMA_VERSION
+from .train import evaluate, pick_device, train
 
 log = logging.getLogger("geoprune_ray")
-SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -139,6 +139,7 @@ def adaptive_prune(model: nn.Module | str, train_set: Dataset | str, test_set: D
     cfg = method or MethodConfig()
     ft_cfg = finetune_cfg or finetune_defaults()
     device = pick_device(device)
+    torch.manual_seed(cfg.seed)  # a zoo model is initialised as the Ray pipeline initialises it
     model, train_set, test_set, card = resolve(model, train_set, test_set, width=width, weights=weights,
                                                input_size=input_size, data_dir=data_dir, download=download,
                                                arch=arch)
@@ -167,66 +168,51 @@ def adaptive_prune(model: nn.Module | str, train_set: Dataset | str, test_set: D
     log.info("G_noise = %.4f on %d calibration images", noise, len(meter.calibration.labels))
     lap("reference")
 
-    probes = []
-    for m, r in enumerate(probe_ratios(cfg.probes, cfg.r_probe_max, cfg.seed)):
-        res = measure(base, meter, r, target)
-        probes.append({"probe": m, "ratio": r, "seed": cfg.seed, "delta_g": res.delta_g, "macs": res.macs,
-                       "params": res.params, "seconds": res.seconds})
-        log.info("probe %d/%d: r=%.3f ΔG=%.4f", m + 1, cfg.probes, r, res.delta_g)
-    budget = tau(noise, [p["delta_g"] for p in probes], cfg.beta)
+    def measure_many(ratios_list, size_only: bool = False) -> list[dict[str, Any]]:
+        out = []
+        for ratios in ratios_list:
+            res = measure(base, meter, ratios, target)
+            out.append({"delta_g": res.delta_g, "macs": res.macs, "params": res.params, "seconds": res.seconds})
+        return out
+
+    ratios = probe_ratios(cfg.probes, cfg.r_probe_max, cfg.seed)
+    probes = protocol.probe_rows(ratios, measure_many(ratios), cfg.seed)
+    for p in probes:
+        log.info("probe %d/%d: r=%.3f ΔG=%.4f", p["probe"] + 1, cfg.probes, p["ratio"], p["delta_g"])
+    budget = protocol.budget_from_probes(noise, probes, cfg, base_macs)
     log.info("τ = %.4f", budget)
     lap("probes")
 
     groups = dependency_groups(base, card.input_shape, card.num_classes)
     channels = {g.name: g.channels for g in groups}
     sens = {g.name: measure(base, meter, {g.name: cfg.sensitivity_ratio}, target).delta_g for g in groups}
-    epsilon = noise if cfg.epsilon is None else cfg.epsilon
-    budgets = layer_budgets(budget, sens, epsilon)
+    budgets = protocol.group_budgets(budget, sens, noise, cfg)
     lap("sensitivity")
 
-    r0 = min(initial_ratio(probes, budget, cfg.r0_default), cfg.r_max)
-    ctl = Controller(budget, r0, cfg.r_max, cfg.delta, cfg.gamma, cfg.controller, cfg.t_max, cfg.bisect_min_delta)
+    ctl = protocol.new_controller(cfg, probes, budget)
     while (r := ctl.propose()) is not None:
-        ratios = allocate(r, budgets, channels, cfg.r_max)
-        res = measure(base, meter, ratios, target)
-        ctl.observe(res.delta_g, macs=res.macs, params=res.params, mean_ratio=weighted_ratio(ratios, channels))
-    r_star = ctl.r_star
-    if r_star == 0.0:
-        log.warning("no controller step stayed within τ = %.4f: the model is returned unpruned", budget)
+        step_ratios = allocate(r, budgets, channels, cfg.r_max)
+        (rec,) = measure_many([step_ratios])
+        ctl.observe(rec["delta_g"], macs=rec["macs"], params=rec["params"],
+                    mean_ratio=weighted_ratio(step_ratios, channels))
+    r_star = protocol.r_star_of(ctl)
+    final_ratios = protocol.final_ratios(r_star, budgets, channels, cfg)
+    plan = protocol.settle_arms(["adaptive"], r_star, final_ratios, budget, channels, cfg, measure_many, base_macs,
+                                base_params)["adaptive"]
     lap("controller")
 
-    final_ratios = allocate(r_star, budgets, channels, cfg.r_max) if r_star > 0 else {}
-    pruned, history = prune_copy(base, final_ratios, card.input_shape, card.num_classes, cfg.importance, cfg.round_to)
-    dg_before = meter.delta(pruned)  # recalibrates BN in place: the fine-tune starts from sound statistics
-    before_ft = evaluate(pruned, test_set, device)
-    finetune(pruned, train_set, ft_cfg, device)
-    after_ft = evaluate(pruned, test_set, device)
-    dg_after = meter.delta(copy.deepcopy(pruned))
-    macs, params = macs_params(pruned, card.input_shape)
+    pruned, history, result = protocol.finetune_arm(base, final_ratios, meter, target, train_set, test_set, ft_cfg,
+                                                    device)
     lap("finetune")
 
-    summary = {
-        "schema_version": SCHEMA_VERSION,
-        "model": card.to_dict(),
-        "dataset": {"name": train_set.name, "train_size": len(train_set), "test_size": len(test_set),
-                    "calibration_size": len(meter.calibration.labels)},
-        "config": {"method": cfg.to_dict(), "epsilon_used": epsilon, "baseline": baseline.to_dict() if baseline else None,
-                   "finetune": ft_cfg.to_dict()},
-        "g_noise": noise,
-        "tau": budget,
-        "probes": probes,
-        "sensitivity": [{"group": g.name, "channels": g.channels, "modules": g.modules, "delta_g": sens[g.name],
-                         "tau_l": budgets[g.name], "ratio": final_ratios.get(g.name, 0.0)} for g in groups],
-        "controller": {"mode": cfg.controller, "r0": r0, "steps": ctl.steps, "stop_reason": ctl.stop_reason,
-                       "r_star": r_star, "state": ctl.to_dict()},
-        "baseline": {"top1": base_eval["top1"], "macs": base_macs, "params": base_params},
-        "pruned": {"r_star": r_star, "mean_ratio": weighted_ratio(final_ratios, channels) if final_ratios else 0.0,
-                   "top1_before_finetune": before_ft["top1"], "top1": after_ft["top1"], "macs": macs, "params": params,
-                   "delta_g_before_finetune": dg_before, "delta_g_after_finetune": dg_after,
-                   "macs_ratio": macs / base_macs, "params_ratio": params / base_params},
-        "timings_s": timings,
-        "provenance": provenance(device),
-    }
+    summary = protocol.summary(card, train_set, test_set, len(meter.calibration.labels), cfg, baseline, ft_cfg, noise,
+                               budget, probes, ctl, channels, plan, result.to_dict(),
+                               {"top1": base_eval["top1"], "macs": base_macs, "params": base_params}, timings,
+                               provenance(device))
+    summary["probes"] = probes
+    summary["sensitivity"] = [{"group": g.name, "channels": g.channels, "modules": g.modules, "delta_g": sens[g.name],
+                               "tau_l": budgets[g.name], "ratio": final_ratios.get(g.name, 0.0)} for g in groups]
+    summary["controller"]["state"] = ctl.to_dict()
     log.info("r* = %.4f: top-1 %.2f%% → %.2f%%, MACs %.2fM → %.2fM, ΔG %.4f ≤ τ %.4f", r_star, base_eval["top1"],
-             after_ft["top1"], base_macs / 1e6, macs / 1e6, dg_before, budget)
+             result.top1, base_macs / 1e6, result.macs / 1e6, result.delta_g, budget)
     return PruneResult(pruned, history, card, summary)

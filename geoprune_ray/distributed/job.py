@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, get_type_hints
 
 from ..core.config import MethodConfig, TrainConfig, finetune_defaults
 from ..errors import GeopruneError
-from .searcher import ARMS
+from ..core.protocol import ARMS
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,22 @@
 """The pipeline driver: the whole protocol on a Ray cluster, every artifact in one run directory.
 
-baseline (Ray Train) → probe actors: G_noise, probes → τ (driver) → sensitivity tasks → τ_L →
-the controller as a Tune searcher (steps answered by the actors) → fine-tunes of r* and the
-comparison arms through Ray Train → ``trials.parquet``, ``model/``, ``summary.json``.
+The steps and the summary are ``core.protocol``'s; this module maps them onto Ray, each stage
+starting as soon as its inputs exist:
+- the probe actors start (processes, imports, CUDA contexts) while the baseline trains (Ray Train);
+- G_noise and the probes (actors) and the sensitivity (Ray tasks) run at the same time → τ, τ_L;
+- the controller is a Tune searcher whose steps the actors answer;
+- every arm's ratios are settled on the actors, which are then given back;
+- the arms' fine-tunes run side by side as Tune trials through Ray Train, each measuring its own
+  ΔG and top-1 before and after → ``trials.parquet``, ``model/``, ``summary.json``, ``report.md``.
 
 Each finished stage is recorded in ``state.json`` with its outputs, so a driver that was killed
-resumes from the run directory: finished stages are read back, the Tune experiment is restored
-with ``Tuner.restore`` and its searcher continues the controller where it stopped.
+resumes from the run directory: finished stages are read back, and a Tune experiment (the
+controller's or the fine-tunes') is restored with ``Tuner.restore``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -27,11 +33,12 @@ import ray
 import torch
 from ray import tune
 
+from ..core import protocol
 from ..core.geometry import Calibration
-from ..core.method import (Controller, PruneTarget, allocate, initial_ratio, layer_budgets, probe_ratios, tau,
-                           weighted_ratio)
+from ..core.method import Controller, PruneTarget, probe_ratios
+from ..core.protocol import SCHEMA_VERSION
 from ..core.pruning import dependency_groups, macs_params, replay_pruning, save_pruned
-from ..core.reference import SCHEMA_VERSION, provenance, resolve
+from ..core.reference import provenance, resolve
 from ..core.speed import compare_speed
 from ..core.train import evaluate
 from ..errors import GeopruneError, Interrupted
@@ -40,13 +47,14 @@ from .probes import START_TIMEOUT_S, PoolSpec, ProbePool
 from .progress import Progress
 from .rundir import RunDir
 from .searcher import RatioSearcher
-from .sensitivity import run_sensitivity
+from .sensitivity import by_group, submit_sensitivity
 from .training import Scaling, fit, load_checkpoint
-from .trial import TrialContext, pruning_trial
+from .trial import TrialContext, finetune_trial, pruning_trial
 
 log = logging.getLogger("geoprune_ray")
 STATE = "state.json"
 EXPERIMENT = "controller"
+FINETUNE = "finetune"
 TRIAL_COLUMNS = ["trial_id", "kind", "arm", "step", "r", "delta_g", "accepted", "macs", "params", "ray_train",
                  "top1", "top1_before_finetune", "delta_g_after", "pid", "actor", "train_device", "started",
                  "finished"]
@@ -102,17 +110,24 @@ class Pipeline:
         else:
             self.state = {"run_id": uuid.uuid4().hex[:8], "spec": _jsonable(spec.to_dict()), "stages": {},
                           "schema_version": SCHEMA_VERSION}
+        self.state.setdefault("created", time.time())  # the time line's zero (this driver's, for older runs)
         self.timings: dict[str, float] = dict(self.state.get("timings", {}))
         self._resolved = None
 
     # -- bookkeeping
-    def _done(self, stage: str, started: float, **outputs: Any) -> None:
+    def _done(self, stage: str, started: float, finished: Optional[float] = None, **outputs: Any) -> None:
         if stage in self.state["stages"]:
             return  # finished by an earlier driver: keep its record and timing
-        self.timings[stage] = time.time() - started
-        self.state["stages"][stage] = {"started": started, "finished": time.time(), **outputs}
+        finished = finished or time.time()
+        self.timings[stage] = finished - started
+        self.state["stages"][stage] = {"started": started, "finished": finished, **outputs}
         self.state["timings"] = self.timings
         self.run.write_json(STATE, self.state)
+
+    def _span(self, name: str, started: float, finished: Optional[float] = None) -> None:
+        """A span of the run's time line that is not a resumable stage (Ray start-up, actor start-up)."""
+        self.state.setdefault("spans", {})[name] = {"started": started, "finished": finished or time.time()}
+        self.timings[name] = self.state["spans"][name]["finished"] - started
 
     def stage(self, name: str) -> Optional[dict]:
         return self.state["stages"].get(name)
@@ -129,7 +144,7 @@ class Pipeline:
 
     # -- the run
     def run_all(self) -> dict[str, Any]:
-        spec, cfg = self.spec, self.cfg
+        spec = self.spec
         cluster = ray.cluster_resources()
         if spec.resources.use_gpu and not cluster.get("GPU") and spec.resources.wait_for_gpu_s > 0:
             cluster = wait_for_gpus(spec.resources.wait_for_gpu_s)
@@ -142,111 +157,173 @@ class Pipeline:
         scaling = Scaling(spec.resources.workers, use_gpu, spec.resources.cpus_per_worker, gpus_per_worker)
         model, train_set, test_set, card = self.preflight()
         progress = Progress(self.state["run_id"])
+        res = Resources(cluster, use_gpu, gpus_per_actor, gpus_per_worker, scaling,
+                        spec.resources.gpus_per_worker is not None)
         try:
-            return self._run(spec, cfg, cluster, use_gpu, gpus_per_actor, gpus_per_worker, scaling, model, train_set,
-                             test_set, card, progress)
+            return self._run(res, model, train_set, test_set, card, progress)
         finally:
             progress.close()
 
-    def _run(self, spec, cfg, cluster, use_gpu, gpus_per_actor, gpus_per_worker, scaling, model, train_set, test_set,
-             card, progress: Progress) -> dict[str, Any]:
+    def _run(self, res: "Resources", model, train_set, test_set, card, progress: Progress) -> dict[str, Any]:
+        spec, cfg = self.spec, self.cfg
+        run_id = self.state["run_id"]
         target = PruneTarget(card.input_shape, card.num_classes, cfg.importance, cfg.round_to)
         data_ref = ray.put((train_set, test_set))
+        calibration = Calibration.from_dataset(train_set, cfg)
+        pool_spec = PoolSpec(spec.resources.probe_actors, spec.resources.cpus_per_actor, res.gpus_per_actor)
 
-        # 1. baseline
+        # 1. the probe actors start (processes, imports, CUDA contexts) while the baseline trains
+        pool: Optional[ProbePool] = None
+        baseline_scaling_now = whole_nodes(res.scaling, reserved=pool_spec.actors * pool_spec.cpus_per_actor)
+        if not self.stage("arms"):
+            pool_started = time.time()
+            pool = ProbePool.start(target, cfg.bn_recalibration, pool_spec, run_id,
+                                   max(START_TIMEOUT_S, spec.resources.wait_for_gpu_s))
+        try:
+            return self._stages(res, pool, pool_started if pool else 0.0, baseline_scaling_now, model, train_set,
+                                test_set, card, target, data_ref, calibration, progress)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+
+    def _stages(self, res, pool, pool_started, base_scaling, model, train_set, test_set, card, target, data_ref,
+                calibration, progress) -> dict[str, Any]:
+        spec, cfg = self.spec, self.cfg
+        run_id = self.state["run_id"]
+
+        # 2. baseline (Ray Train)
         started = time.time()
         if self.run.exists("baseline.pt"):
             model.load_state_dict(torch.load(io.BytesIO(self.run.read_bytes("baseline.pt")), weights_only=True))
         elif spec.model.weights is None and spec.protocol.baseline_epochs > 0:
             log.info("stage baseline: training %s for %d epochs through Ray Train", card.arch,
                      spec.protocol.baseline_epochs)
-            state, metrics = fit(card, [], model.state_dict(), data_ref, spec.baseline_config(),
-                                 whole_nodes(scaling), self.run.uri("train"), name="baseline",
-                                 progress=(self.state["run_id"], "baseline"))
+            state, _, metrics = fit(card, ray.put(model.state_dict()), data_ref, spec.baseline_config(), base_scaling,
+                                    self.run.uri("train"), name="baseline", progress=(run_id, "baseline"))
             model.load_state_dict(state)
             buffer = io.BytesIO()
             torch.save(state, buffer)
             self.run.write_bytes("baseline.pt", buffer.getvalue())
             self._done("baseline", started, top1=metrics["top1"])
         base_macs, base_params = macs_params(model, card.input_shape)
-
-        # 2. probe actors, G_noise, probes → τ
-        started = time.time()
-        calibration = Calibration.from_dataset(train_set, cfg)
-        pool = ProbePool(model, calibration, target, cfg.bn_recalibration,
-                         PoolSpec(spec.resources.probe_actors, spec.resources.cpus_per_actor, gpus_per_actor),
-                         self.state["run_id"], max(START_TIMEOUT_S, spec.resources.wait_for_gpu_s))
-        self.timings["actor_startup"] = time.time() - started  # one-time start-up, reported beside the stages
-        started = time.time()
-        if not self.stage("probes"):
-            noise = ray.get(pool.actors[0].noise.remote(cfg.noise_splits, cfg.seed))
-            ratios = probe_ratios(cfg.probes, cfg.r_probe_max, cfg.seed)
-            log.info("stage probes: %d probes on %d actors", len(ratios), len(pool.actors))
-            accuracy = {}
-            if spec.protocol.probe_accuracy:  # each probe's top-1 on the test split, for Spearman(ΔG, drop)
-                accuracy["base_top1"] = evaluate(model, test_set)["top1"]
-                test_ref = ray.put(test_set)  # one object-store copy, read by every actor
-                args = [(r, test_ref) for r in ratios]
-            else:
-                args = [(r,) for r in ratios]
-            records = progress.gather(pool.submit("measure", args), "probes", "probes")
-            rows = [{"probe": m, "ratio": r, "seed": cfg.seed, **rec} for m, (r, rec) in enumerate(zip(ratios, records))]
-            if accuracy:
-                for row in rows:
-                    row["top1_drop"] = accuracy["base_top1"] - row["top1"]
-                accuracy["spearman_delta_g_top1_drop"] = spearman([row["delta_g"] for row in rows],
-                                                                  [row["top1_drop"] for row in rows])
-            self.run.write_table("probes.parquet", rows)
-            budget = tau(noise, [row["delta_g"] for row in rows], cfg.beta)
-            self._done("probes", started, g_noise=noise, tau=budget,
-                       restarts=sum(bool(row["restarted"]) for row in rows), **accuracy)
-        probes = self.run.read_table("probes.parquet")
-        noise, budget = self.stage("probes")["g_noise"], self.stage("probes")["tau"]
-        log.info("G_noise = %.4f, τ = %.4f", noise, budget)
-
-        # 3. sensitivity tasks → τ_L
-        started = time.time()
         groups = dependency_groups(model, card.input_shape, card.num_classes)
         channels = {g.name: g.channels for g in groups}
-        if not self.stage("sensitivity"):
-            chunks = spec.resources.sensitivity_tasks or max(1, math.ceil(len(groups) / 2))
-            log.info("stage sensitivity: %d groups in %d Ray tasks", len(groups), chunks)
-            rows = run_sensitivity(pool.shared, target, cfg.bn_recalibration, list(channels),
-                                   cfg.sensitivity_ratio, chunks, gpus=gpus_per_actor,
-                                   gather=lambda refs: progress.gather(refs, f"sensitivity ({len(groups)} groups)",
-                                                                       "tasks"))
-            self._done("sensitivity", started, delta_g={n: rows[n]["delta_g"] for n in channels})
-        sens = self.stage("sensitivity")["delta_g"]
-        epsilon = noise if cfg.epsilon is None else cfg.epsilon
-        budgets = layer_budgets(budget, sens, epsilon)
+        if pool is not None:
+            pool.load(model, calibration)
+            self._span("actors", pool_started)
 
-        # 4. controller steps and fine-tunes as Tune trials
+        # 3. G_noise, probes and sensitivity at the same time → τ, τ_L
+        if not self.stage("probes") or not self.stage("sensitivity"):
+            self._search(pool, model, test_set, target, channels, base_macs, progress)
+        probes = self.run.read_table("probes.parquet")
+        noise, budget = self.stage("probes")["g_noise"], self.stage("probes")["tau"]
+        sens = self.stage("sensitivity")["delta_g"]
+        budgets = protocol.group_budgets(budget, sens, noise, cfg)
+        log.info("G_noise = %.4f, τ = %.4f", noise, budget)
+
+        # 4. the controller as Tune trials answered by the actors
+        ctx = TrialContext(run_id, spec.resources.probe_actors, budget, card.to_dict(),
+                           spec.finetune_config().to_dict(), data_ref, ray.put(model.state_dict()),
+                           ray.put(calibration), target, cfg.bn_recalibration, self.run.uri("train"),
+                           res.scaling, spec.protocol.finetune_all)
         started = time.time()
-        r0 = min(initial_ratio(probes, budget, cfg.r0_default), cfg.r_max)
-        ctl = Controller(budget, r0, cfg.r_max, cfg.delta, cfg.gamma, cfg.controller, cfg.t_max, cfg.bisect_min_delta)
-        ctx = TrialContext(self.state["run_id"], len(pool.actors), budget, cfg.r_max, card.to_dict(),
-                           spec.finetune_config().to_dict(), data_ref, self.run.uri("train"), scaling,
-                           spec.protocol.finetune_all)
-        trials = self._tune(ctx, RatioSearcher(ctl, budgets, channels, cfg.r_max, spec.protocol.arms))
-        arms = {t["arm"]: t for t in trials if t["kind"] == "finetune" and t.get("ray_train")}
-        missing = [arm for arm in spec.protocol.arms if arm not in arms]
+        if not self.stage("controller"):
+            searcher = RatioSearcher(protocol.new_controller(cfg, probes, budget), budgets, channels, cfg.r_max)
+            rows = self._tune(EXPERIMENT, tune.with_parameters(pruning_trial, ctx=ctx),
+                              tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=8,
+                                              reuse_actors=True),
+                              f"controller steps as Tune trials (τ = {budget:.4f})")
+            if not replay_controller(protocol.new_controller(cfg, probes, budget),
+                                     [t for t in rows if t["kind"] == "step"], complete=False).done:
+                raise Interrupted("the Tune experiment stopped before the controller converged",
+                                  f"run the same command again to resume from {self.run.location}")
+            self._done("controller", started, trials=rows)
+        step_trials = self.stage("controller")["trials"]
+        ctl = replay_controller(protocol.new_controller(cfg, probes, budget),
+                                [t for t in step_trials if t["kind"] == "step"])
+        r_star = protocol.r_star_of(ctl)
+        final_ratios = protocol.final_ratios(r_star, budgets, channels, cfg)
+        log.info("r* = %.4f after %d controller steps (%s)", r_star, len(ctl.steps), ctl.stop_reason)
+
+        # 5. every arm's ratios, settled while the actors still hold their share; then they are given back
+        started = time.time()
+        if not self.stage("arms"):
+            def measure_many(ratios_list, size_only: bool = False) -> list[dict[str, Any]]:
+                return pool.map("size" if size_only else "measure", [(r,) for r in ratios_list])
+
+            plans = protocol.settle_arms(spec.protocol.arms, r_star, final_ratios, budget, channels, cfg, measure_many,
+                                         base_macs, base_params)
+            self._done("arms", started, plans={arm: plan.to_dict() for arm, plan in plans.items()})
+        plans = {arm: protocol.ArmPlan.from_dict(p) for arm, p in self.stage("arms")["plans"].items()}
+        if pool is not None:
+            pool.shutdown()
+            self._span("search_resources_returned", time.time(), time.time())
+
+        # 6. the arms' fine-tunes side by side, on what the search gave back
+        started = time.time()
+        ft_ctx = dataclasses.replace(ctx, scaling=finetune_scaling(res, len(plans)),
+                                     plans={arm: plan.to_dict() for arm, plan in plans.items()})
+        ft_rows = self._tune(FINETUNE, tune.with_parameters(finetune_trial, ctx=ft_ctx),
+                             tune.TuneConfig(num_samples=1, max_concurrent_trials=len(plans)),
+                             f"{len(plans)} fine-tune(s) side by side: {', '.join(plans)}",
+                             param_space={"kind": "finetune", "arm": tune.grid_search(list(plans))})
+        arms = {t["arm"]: t for t in ft_rows if t.get("ray_train")}
+        missing = [arm for arm in plans if arm not in arms]
         if missing:
             raise Interrupted(f"the Tune experiment stopped before the {', '.join(missing)} fine-tune(s) finished",
                               f"run the same command again to resume from {self.run.location}")
-        self.run.write_table("trials.parquet", trials)
-        steps = [t for t in trials if t["kind"] == "step"]
-        ctl = replay_controller(ctl, steps)
-        r_star = ctl.r_star
-        final_ratios = allocate(r_star, budgets, channels, cfg.r_max) if r_star > 0 else {}
-        self._done("tune", started, r_star=r_star)
-        for kind in ("step", "finetune"):  # wall time of the controller steps and of the fine-tunes
-            rows = [t for t in trials if t["kind"] == kind and t.get("started") and t.get("finished")]
-            if rows:
-                self.timings[f"{kind}_trials"] = max(t["finished"] for t in rows) - min(t["started"] for t in rows)
-        log.info("r* = %.4f after %d controller steps (%s)", r_star, len(ctl.steps), ctl.stop_reason)
+        self._done("finetune", started)
+        trials = [*step_trials, *(t for t in ft_rows if t.get("ray_train"))]
+        if any(t["kind"] == "finetune" for t in step_trials):
+            self.timings["step_finetunes"] = _wall([t for t in step_trials if t["kind"] == "finetune"])
+        self.timings["step_trials"] = _wall([t for t in step_trials if t["kind"] == "step"])
+        self.timings["finetune_trials"] = _wall(list(arms.values()))
+        return self._artifacts(res, model, train_set, test_set, card, calibration, probes, groups, channels, sens,
+                               budgets, noise, budget, ctl, plans, arms, trials, base_macs, base_params)
 
-        # 5. artifacts
+    def _search(self, pool, model, test_set, target, channels, base_macs, progress) -> None:
+        """G_noise, the probes and the sensitivity tasks, submitted together: they need only the base model and the
+        calibration set, so none waits for another."""
+        spec, cfg = self.spec, self.cfg
         started = time.time()
+        ratios = probe_ratios(cfg.probes, cfg.r_probe_max, cfg.seed)
+        chunks = spec.resources.sensitivity_tasks or max(1, math.ceil(len(channels) / 2))
+        log.info("stage search: G_noise, %d probes on %d actors and %d groups' sensitivity in %d Ray tasks, at once",
+                 len(ratios), len(pool.actors), len(channels), chunks)
+        accuracy = {}
+        if spec.protocol.probe_accuracy:  # each probe's top-1 on the test split, for Spearman(ΔG, drop)
+            accuracy["base_top1"] = evaluate(model, test_set)["top1"]
+            test_ref = ray.put(test_set)  # one object-store copy, read by every actor
+            args = [(r, test_ref) for r in ratios]
+        else:
+            args = [(r,) for r in ratios]
+        noise_ref = pool.actors[-1].noise.remote(cfg.noise_splits, cfg.seed)
+        probe_refs = pool.submit("measure", args)
+        sens_refs = submit_sensitivity(pool.shared, target, cfg.bn_recalibration, list(channels),
+                                       cfg.sensitivity_ratio, chunks, gpus=pool.spec.gpus_per_actor)
+        records = progress.gather(probe_refs, "probes", "probes")
+        probes_done = time.time()
+        sens = by_group(progress.gather(sens_refs, f"sensitivity ({len(channels)} groups)", "tasks"))
+        sens_done = time.time()
+        noise = ray.get(noise_ref)
+        rows = protocol.probe_rows(ratios, records, cfg.seed)
+        if accuracy:
+            for row in rows:
+                row["top1_drop"] = accuracy["base_top1"] - row["top1"]
+            accuracy["spearman_delta_g_top1_drop"] = spearman([row["delta_g"] for row in rows],
+                                                              [row["top1_drop"] for row in rows])
+        self.run.write_table("probes.parquet", rows)
+        budget = protocol.budget_from_probes(noise, rows, cfg, base_macs)
+        self._done("probes", started, probes_done, g_noise=noise, tau=budget,
+                   restarts=sum(bool(row["restarted"]) for row in rows), **accuracy)
+        self._done("sensitivity", started, sens_done, delta_g={n: sens[n]["delta_g"] for n in channels})
+
+    def _artifacts(self, res, model, train_set, test_set, card, calibration, probes, groups, channels, sens, budgets,
+                   noise, budget, ctl, plans, arms, trials, base_macs, base_params) -> dict[str, Any]:
+        spec, cfg = self.spec, self.cfg
+        started = time.time()
+        self.run.write_table("trials.parquet", [{col: t.get(col) for col in TRIAL_COLUMNS + ["error", "checkpoint_path"]}
+                                                for t in trials])
         adaptive = arms["adaptive"]
         final = load_checkpoint(adaptive["checkpoint_path"])
         pruned = replay_pruning(card.build(), final["history"], card.input_shape)
@@ -254,68 +331,66 @@ class Pipeline:
         with tempfile.TemporaryDirectory(prefix="geoprune-") as staging:
             folder = Path(staging)
             save_pruned(folder / "model", pruned, final["history"], card,
-                        extra={"top1": adaptive["top1"], "r_star": r_star})
+                        extra={"top1": adaptive["top1"], "r_star": ctl.r_star})
             self.run.put_folder(folder / "model", "model")
         log.info("stage speed: timing base and pruned models on the fine-tune device")
-        speed = ray.get(_speed_task.options(num_cpus=scaling.cpus_per_worker,
-                                            num_gpus=gpus_per_worker if use_gpu else 0).remote(
-            model, pruned, card.input_shape, use_gpu))
+        speed = ray.get(_speed_task.options(num_cpus=res.scaling.cpus_per_worker,
+                                            num_gpus=res.gpus_per_worker if res.use_gpu else 0).remote(
+            model, pruned, card.input_shape, res.use_gpu))
+        final_ratios = plans["adaptive"].ratios if isinstance(plans["adaptive"].ratios, dict) else {}
         self.run.write_table("sensitivity.parquet", [
             {"group": g.name, "channels": g.channels, "modules": g.modules, "delta_g": sens[g.name],
              "tau_l": budgets[g.name], "ratio": final_ratios.get(g.name, 0.0)} for g in groups])
         baseline_top1 = (arms["baseline"]["top1_before_finetune"] if "baseline" in arms
                          else evaluate(model, test_set)["top1"])
-        summary = {
-            "schema_version": SCHEMA_VERSION,
+        self._done("artifacts", started)
+        summary = protocol.summary(card, train_set, test_set, len(calibration.labels), cfg, spec.baseline_config(),
+                                   spec.finetune_config(), noise, budget, probes, ctl, channels, plans["adaptive"],
+                                   adaptive, {"top1": baseline_top1, "macs": base_macs, "params": base_params},
+                                   self.timings, provenance(torch.device("cuda" if res.use_gpu else "cpu")))
+        summary["config"]["overrides"] = dict(spec.method)
+        summary.update({
             "run_id": self.state["run_id"],
             "job": _jsonable(spec.to_dict()),
-            "model": card.to_dict(),
-            "dataset": {"name": train_set.name, "train_size": len(train_set), "test_size": len(test_set),
-                        "calibration_size": len(calibration.labels)},
-            "config": {"method": cfg.to_dict(), "epsilon_used": epsilon, "baseline": spec.baseline_config().to_dict(),
-                       "finetune": spec.finetune_config().to_dict(), "overrides": dict(spec.method)},
-            "resources": {"cluster": {k: v for k, v in cluster.items() if k in ("CPU", "GPU", "memory")},
-                          "use_gpu": use_gpu, "gpus_per_actor": gpus_per_actor,
-                          "gpus_per_worker": gpus_per_worker, "probe_actors": len(pool.actors),
-                          "workers": scaling.workers,
-                          "actor_pids": sorted({row["pid"] for row in probes})},
-            "g_noise": noise, "tau": budget,
+            "resources": {"cluster": {k: v for k, v in res.cluster.items() if k in ("CPU", "GPU", "memory")},
+                          "use_gpu": res.use_gpu, "gpus_per_actor": res.gpus_per_actor,
+                          "gpus_per_worker": res.gpus_per_worker, "probe_actors": spec.resources.probe_actors,
+                          "workers": res.scaling.workers, "actor_pids": sorted({row["pid"] for row in probes})},
             "probe_accuracy": ({k: self.stage("probes")[k] for k in ("base_top1", "spearman_delta_g_top1_drop")}
                                if "base_top1" in self.stage("probes") else None),
-            "controller": {"mode": cfg.controller, "r0": r0, "steps": ctl.steps, "stop_reason": ctl.stop_reason,
-                           "r_star": r_star},
-            "baseline": {"top1": baseline_top1, "macs": base_macs, "params": base_params},
-            "pruned": {"r_star": r_star, "mean_ratio": weighted_ratio(final_ratios, channels) if final_ratios else 0.0,
-                       "top1_before_finetune": adaptive["top1_before_finetune"], "top1": adaptive["top1"],
-                       "macs": adaptive["macs"], "params": adaptive["params"],
-                       "delta_g_before_finetune": adaptive["delta_g"], "delta_g_after_finetune": adaptive["delta_g_after"],
-                       "macs_ratio": adaptive["macs"] / base_macs, "params_ratio": adaptive["params"] / base_params},
-            "arms": [arm_row(name, arms[name], budget) for name in spec.protocol.arms if name in arms],
+            "arms": [protocol.arm_row(plans[name], arms[name]) for name in spec.protocol.arms if name in arms],
             "speed": speed,
-            "timings_s": self.timings,
-            "provenance": provenance(torch.device("cuda" if use_gpu else "cpu")),
-        }
+            "timeline": self.timeline(trials),
+        })
         self.run.write_json("summary.json", summary)
-        self._done("artifacts", started)
-        pool.shutdown()
         from ..report import render_report
 
         log.info("report: %s", render_report(self.run))
         return summary
 
-    def _tune(self, ctx: TrialContext, searcher: RatioSearcher) -> list[dict[str, Any]]:
-        trainable = tune.with_resources(tune.with_parameters(pruning_trial, ctx=ctx), {"cpu": 0.01})
-        path = self.run.uri(f"tune/{EXPERIMENT}")
+    def timeline(self, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every stage, span and trial with its start and end on one time axis (seconds from the run's start)."""
+        t0 = self.state["created"]
+        rows = [{"stage": name, "start": s["started"] - t0, "end": s["finished"] - t0}
+                for name, s in {**self.state.get("spans", {}), **self.state["stages"]}.items()]
+        for t in trials:
+            if t.get("started") and t.get("finished"):
+                label = f"step {t['step']}" if t["kind"] == "step" else f"fine-tune {t['arm']}"
+                rows.append({"stage": label, "start": t["started"] - t0, "end": t["finished"] - t0})
+        return sorted(rows, key=lambda r: (r["start"], r["end"]))
+
+    def _tune(self, name: str, trainable, tune_config: "tune.TuneConfig", what: str,
+              param_space: Optional[dict] = None) -> list[dict[str, Any]]:
+        trainable = tune.with_resources(trainable, {"cpu": 0.01})
+        path = self.run.uri(f"tune/{name}")
         if tune.Tuner.can_restore(path):
-            log.info("stage tune: restoring the Tune experiment at %s", path)
+            log.info("stage %s: restoring the Tune experiment at %s", name, path)
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
         else:
-            log.info("stage tune: controller steps as Tune trials (τ = %.4f)", ctx.tau)
+            log.info("stage %s: %s", name, what)
             tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=8,
-                                            reuse_actors=True),
-                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=self.run.uri("tune"), verbose=0,
+                trainable, param_space=param_space, tune_config=tune_config,
+                run_config=tune.RunConfig(name=name, storage_path=self.run.uri("tune"), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=2)),
             )
         with _tune_console_quiet():
@@ -324,7 +399,7 @@ class Pipeline:
         for result in results:
             metrics = result.metrics or {}
             config = result.config or {}
-            row = {col: metrics.get(col) for col in TRIAL_COLUMNS}
+            row = {col: _plain(metrics.get(col)) for col in TRIAL_COLUMNS}
             row.update(trial_id=metrics.get("trial_id") or (result.path or "").rsplit("/", 1)[-1],
                        kind=config.get("kind"), arm=config.get("arm"), step=config.get("step"),
                        r=metrics.get("r", config.get("r")), error=str(result.error).splitlines()[0] if result.error else None,
@@ -332,6 +407,43 @@ class Pipeline:
             rows.append(row)
         return sorted(rows, key=lambda r: (r["kind"] != "step", r["step"] if r["step"] is not None else 1e9,
                                            r["started"] or 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What the run holds of the cluster: GPU use and shares, and the Ray Train scaling the spec asks for."""
+
+    cluster: dict
+    use_gpu: bool
+    gpus_per_actor: float
+    gpus_per_worker: float
+    scaling: Scaling
+    fixed_gpus_per_worker: bool = False  # set in the job spec: the fine-tunes keep it
+
+
+def finetune_scaling(res: Resources, arms: int) -> Scaling:
+    """The arms' fine-tunes run side by side once the search has given its share back: each takes an equal share of
+    the GPUs (a fraction of one, or whole ones across several), or of a node's CPUs, with as many torch threads as
+    the node's cores allow (so one fine-tune alone uses the whole CPU, as the in-process path does)."""
+    s = res.scaling
+    concurrent = max(1, arms) * s.workers
+    if s.use_gpu:
+        gpus = res.cluster.get("GPU", 0.0)
+        per_worker = res.gpus_per_worker if res.fixed_gpus_per_worker else min(1.0, gpus / concurrent)
+        return dataclasses.replace(s, gpus_per_worker=per_worker)
+    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    trial_actors = 0.01 * max(1, arms)  # each fine-tune's Tune trial actor holds a sliver
+    cpus = min(s.cpus_per_worker, max(0.01, (node_cpus - trial_actors) / concurrent))
+    return dataclasses.replace(s, cpus_per_worker=cpus, threads=max(1, int(node_cpus // concurrent)))
+
+
+def _wall(rows: list[dict[str, Any]]) -> float:
+    rows = [t for t in rows if t.get("started") and t.get("finished")]
+    return max(t["finished"] for t in rows) - min(t["started"] for t in rows) if rows else 0.0
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
 
 
 def _tune_console_quiet():
@@ -360,10 +472,11 @@ def wait_for_gpus(timeout_s: float) -> dict[str, float]:
     return cluster
 
 
-def whole_nodes(scaling: Scaling) -> Scaling:
-    """The baseline runs before any actor exists: each worker gets a whole GPU and the CPUs that go with it."""
+def whole_nodes(scaling: Scaling, reserved: float = 0.0) -> Scaling:
+    """The baseline's workers: a whole GPU each and the CPUs that go with it, less the CPUs ``reserved`` for the probe
+    actors that start beside it."""
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    return baseline_scaling(scaling, ray.available_resources().get("CPU", 0),
+    return baseline_scaling(scaling, max(0.0, ray.available_resources().get("CPU", 0) - reserved),
                             max((n.get("CPU", 0) for n in nodes), default=1),
                             max((n.get("CPU", 0) / n["GPU"] for n in nodes if n.get("GPU")), default=0.0))
 
@@ -373,10 +486,14 @@ def baseline_scaling(scaling: Scaling, free_cpus: float, node_cpus: float, cpus_
     baseline uses the node and a batch's baselines take turns. On GPUs: one GPU's share of its node's CPUs, so
     the baselines of a batch train side by side, one per GPU, instead of the first taking every CPU while the
     other GPUs wait."""
-    cpus = min(node_cpus, free_cpus // scaling.workers)
+    cpus = min(node_cpus, free_cpus / scaling.workers)
     if scaling.use_gpu:
         cpus = min(cpus, cpus_per_gpu)
-    return Scaling(scaling.workers, scaling.use_gpu, max(scaling.cpus_per_worker, cpus), 1.0 if scaling.use_gpu else 0.0)
+    cpus = max(scaling.cpus_per_worker, cpus)
+    # The actors beside it hold a fraction of a CPU each and sit idle while it trains: it runs on every core it
+    # holds any part of, as the in-process path does.
+    return Scaling(scaling.workers, scaling.use_gpu, cpus, 1.0 if scaling.use_gpu else 0.0,
+                   threads=max(1, math.ceil(cpus - 1e-9)))
 
 
 def gpu_shares(res, gpus: float) -> tuple[float, float]:
@@ -392,14 +509,17 @@ def gpu_shares(res, gpus: float) -> tuple[float, float]:
     return per_actor, per_worker
 
 
-def replay_controller(ctl: Controller, steps: list[dict[str, Any]]) -> Controller:
-    """The controller's trajectory, re-derived from the step trials (deterministic given their ΔG)."""
+def replay_controller(ctl: Controller, steps: list[dict[str, Any]], complete: bool = True) -> Controller:
+    """The controller's trajectory, re-derived from the step trials (deterministic given their ΔG). A step without
+    a trial counts as failed; with ``complete=False`` the replay stops there instead (an interrupted experiment)."""
     by_step: dict[int, dict] = {}
     for row in steps:
         if row.get("delta_g") is not None and not (isinstance(row["delta_g"], float) and math.isnan(row["delta_g"])):
             by_step.setdefault(int(row["step"]), row)
     while ctl.propose() is not None:
         row = by_step.get(len(ctl.steps))
+        if row is None and not complete:
+            break
         ctl.observe(row["delta_g"] if row else math.inf, macs=row and row["macs"], params=row and row["params"],
                     trial_id=row and row["trial_id"], failed=row is None)
     return ctl
@@ -435,5 +555,5 @@ def run_job(spec: JobSpec, storage: str, address: Optional[str] = None) -> dict[
     pipeline.preflight()  # and the model, weights and data
     started = time.time()
     connect(address)
-    pipeline.timings["ray_startup"] = time.time() - started  # one-time: 0 when joining a running cluster
+    pipeline._span("ray_startup", started)  # one-time: about 0 when joining a running cluster
     return pipeline.run_all()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import ray
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..core.geometry import Calibration, GeometryMeter
 from ..core.method import PruneTarget, measure
-from ..core.pruning import macs_params, prune_copy, replay_pruning
+from ..core.pruning import macs_params, prune_copy
 from ..errors import GeopruneError
 from .holder import SharedObjects, fetch, holder_name, share
 
@@ -35,14 +36,14 @@ class ProbeActor:
     """Holds the base model, calibration set and reference geometry on its device."""
 
     def __init__(self, run_id: str, target: PruneTarget, bn_recalibration: bool, threads: int = 1):
+        # Cheap: the process, its imports and (on a GPU) the CUDA context. The base model and calibration set are
+        # fetched by ``load`` once the baseline exists, so actors start while it trains.
         torch.set_num_threads(threads)
-        shared = fetch(run_id)  # by name, not as arguments: a restarted actor fetches them again
-        base, calibration = shared["base"], shared["calibration"]
+        self.run_id, self.target, self.bn_recalibration = run_id, target, bn_recalibration
         self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-        self.target = target
-        self.meter = GeometryMeter(calibration.to(self.device), bn_recalibration)
-        self.base = copy.deepcopy(base).to(self.device)
-        self.meter.set_reference(self.base)
+        if self.device.type == "cuda":
+            torch.zeros(1, device=self.device)
+        self.meter: Optional[GeometryMeter] = None
         ctx = ray.get_runtime_context()
         with warnings.catch_warnings():  # Ray's own property calls a deprecated getter of its own
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -51,16 +52,29 @@ class ProbeActor:
                          "actor": ctx.get_actor_name() or ctx.get_actor_id()[:12],
                          "restarted": restarted}
 
+    def load(self) -> dict[str, Any]:
+        """Fetch the base model and calibration set by the run's name (not as arguments: a restarted actor
+        fetches them again) and measure G₀; idempotent."""
+        if self.meter is None:
+            shared = fetch(self.run_id)
+            meter = GeometryMeter(shared["calibration"].to(self.device), self.bn_recalibration)
+            self.base = copy.deepcopy(shared["base"]).to(self.device)
+            meter.set_reference(self.base)
+            self.meter = meter
+        return self.info()
+
     def info(self) -> dict[str, Any]:
         return dict(self.identity)
 
     def noise(self, splits: int, seed: int) -> float:
         """G_noise of the base model on the resident calibration set."""
+        self.load()
         return self.meter.noise(splits, seed)
 
     def measure(self, ratios: Mapping[str, float] | float, eval_set: Any = None) -> dict[str, Any]:
         """ΔG, MACs and params of the base pruned with ``ratios``, and who measured it; with ``eval_set``
         also the recalibrated copy's top-1 on it (``top1``)."""
+        self.load()
         res = measure(self.base, self.meter, ratios, self.target, eval_set)
         extra = {} if res.top1 is None else {"top1": res.top1}
         return {"delta_g": res.delta_g, "macs": res.macs, "params": res.params, "seconds": res.seconds,
@@ -68,25 +82,11 @@ class ProbeActor:
 
     def size(self, ratios: Mapping[str, float] | float) -> dict[str, int]:
         """MACs and params of the base pruned with ``ratios`` (no ΔG)."""
+        self.load()
         pruned, _ = prune_copy(self.base, ratios, self.target.input_shape, self.target.num_classes,
                                self.target.importance, self.target.round_to)
         macs, params = macs_params(pruned, self.target.input_shape)
         return {"macs": macs, "params": params}
-
-    def prune(self, ratios: Mapping[str, float] | float) -> dict[str, Any]:
-        """The pruned model as plain data (state_dict on CPU + pruning history), recalibrated, with its ΔG."""
-        pruned, history = prune_copy(self.base, ratios, self.target.input_shape, self.target.num_classes,
-                                     self.target.importance, self.target.round_to)
-        dg = self.meter.delta(pruned)
-        macs, params = macs_params(pruned, self.target.input_shape)
-        return {"state_dict": {k: v.cpu() for k, v in pruned.state_dict().items()}, "history": history,
-                "delta_g": dg, "macs": macs, "params": params}
-
-    def delta_of(self, history: list, state_dict: Mapping[str, torch.Tensor]) -> float:
-        """ΔG of a pruned model given as history + weights (e.g. after fine-tuning), against G₀."""
-        model = replay_pruning(copy.deepcopy(self.base), history, self.target.input_shape)
-        model.load_state_dict(state_dict)
-        return self.meter.delta(model.to(self.device))
 
 
 @dataclass(frozen=True)
@@ -99,31 +99,55 @@ class PoolSpec:
 
 
 class ProbePool:
-    """Named probe actors started once per run; calls fan out in ``spread`` order and come back in order."""
+    """Named probe actors started once per run; calls fan out in ``spread`` order and come back in order.
+
+    ``ProbePool(base, calibration, ...)`` starts the actors and loads them; ``ProbePool.start(...)`` only starts
+    them (processes, imports, CUDA contexts) and ``load(base, calibration)`` hands them the model later, so the
+    start-up overlaps the baseline's training."""
 
     def __init__(self, base: nn.Module, calibration: Calibration, target: PruneTarget, bn_recalibration: bool,
                  spec: PoolSpec, run_id: str, start_timeout_s: float = START_TIMEOUT_S):
-        # One copy of each in the object store, read by every actor (and the sensitivity tasks); the driver owns them.
-        self.shared = share(base, calibration)
+        self._start(target, bn_recalibration, spec, run_id, start_timeout_s)
+        self.load(base, calibration)
+
+    @classmethod
+    def start(cls, target: PruneTarget, bn_recalibration: bool, spec: PoolSpec, run_id: str,
+              start_timeout_s: float = START_TIMEOUT_S) -> "ProbePool":
+        pool = cls.__new__(cls)
+        pool._start(target, bn_recalibration, spec, run_id, start_timeout_s)
+        return pool
+
+    def _start(self, target: PruneTarget, bn_recalibration: bool, spec: PoolSpec, run_id: str,
+               start_timeout_s: float) -> None:
+        self.spec, self.run_id, self.start_timeout_s = spec, run_id, start_timeout_s
         self.names = [actor_name(run_id, i) for i in range(spec.actors)]
+        self.holder = None
         for name in [holder_name(run_id), *self.names]:
             try:  # a resumed driver finds its actors gone with the old cluster, or still alive in a shared one
                 ray.kill(ray.get_actor(name))
             except ValueError:
                 pass
-        self.holder = SharedObjects.options(name=holder_name(run_id)).remote(self.shared)
         options = {"num_cpus": spec.cpus_per_actor, "num_gpus": spec.gpus_per_actor, "lifetime": None}
         self.actors = [ProbeActor.options(name=name, **options).remote(run_id, target, bn_recalibration)
                        for name in self.names]
-        started = [a.info.remote() for a in self.actors]
-        _, pending = ray.wait(started, num_returns=len(started), timeout=start_timeout_s)
+        self.started_at = time.monotonic()
+
+    def load(self, base: nn.Module, calibration: Calibration) -> None:
+        """Hand the actors the base model and calibration set and wait until every one holds them (and G₀)."""
+        # One copy of each in the object store, read by every actor (and the sensitivity tasks); the driver owns them.
+        self.shared = share(base, calibration)
+        self.holder = SharedObjects.options(name=holder_name(self.run_id)).remote(self.shared)
+        started = [a.load.remote() for a in self.actors]
+        timeout = max(0.0, self.start_timeout_s - (time.monotonic() - self.started_at))
+        _, pending = ray.wait(started, num_returns=len(started), timeout=timeout)
         if pending:  # Ray would wait for ever for resources that never come free
+            spec = self.spec
             free, total = ray.available_resources(), ray.cluster_resources()
             self.shutdown()
             gpus = f" and {spec.gpus_per_actor:g} GPU" if spec.gpus_per_actor else ""
             have = ", ".join(f"{free.get(k, 0):g} {k} free of {total[k]:g}" for k in ("CPU", "GPU") if total.get(k))
             raise GeopruneError(f"{len(pending)} of {len(started)} probe actors could not start within "
-                                f"{start_timeout_s:g} s: each asks for {spec.cpus_per_actor:g} CPU{gpus}; the "
+                                f"{self.start_timeout_s:g} s: each asks for {spec.cpus_per_actor:g} CPU{gpus}; the "
                                 f"cluster has {have}",
                                 "lower resources.cpus_per_actor or resources.probe_actors, or add nodes")
         self.identities = ray.get(started)
@@ -138,9 +162,12 @@ class ProbePool:
         return ray.get(self.submit(method, args))
 
     def shutdown(self) -> None:
+        """Give the actors' resources back (idempotent)."""
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        ray.kill(self.holder)
+        if self.holder is not None:
+            ray.kill(self.holder)
+        self.actors, self.holder = [], None
 
 
 def spread(calls: int, actors: int) -> list[int]:

@@ -2,11 +2,11 @@
 
 ``suggest`` hands out one controller step at a time (``None`` while a step's ΔG is pending);
 ``on_trial_result`` consumes a trial's first reported ΔG, so the next step starts without
-waiting for anything else that trial does. Once the controller has stopped, the searcher hands
-out the fine-tune trials (r* and the comparison arms), then ``Searcher.FINISHED``. (With the job
-option ``finetune_all`` each accepted step trial fine-tunes itself after reporting its ΔG, while
-the controller moves on.) Its state is plain data, so ``save``/``restore`` let ``Tuner.restore``
-continue the sequence where it stopped.
+waiting for anything else that trial does. Once the controller has stopped, it returns
+``Searcher.FINISHED``: the arms' fine-tunes are a separate experiment that starts after the probe
+actors are given back. (With the job option ``finetune_all`` each accepted step trial fine-tunes
+itself after reporting its ΔG, while the controller moves on.) Its state is plain data, so
+``save``/``restore`` let ``Tuner.restore`` continue the sequence where it stopped.
 """
 
 from __future__ import annotations
@@ -14,35 +14,30 @@ from __future__ import annotations
 import logging
 import math
 import pickle
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from ray.tune.search import Searcher
 
 from ..core.method import Controller, allocate
 
 log = logging.getLogger("geoprune_ray")
-ARMS = ("adaptive", "baseline", "gc", "uniform")
 
 
 class RatioSearcher(Searcher):
-    """Drives the r controller through Tune trials, then the fine-tune trials."""
+    """Drives the r controller through Tune trials."""
 
     def __init__(self, controller: Optional[Controller] = None, budgets: Optional[Mapping[str, float]] = None,
-                 channels: Optional[Mapping[str, int]] = None, r_max: float = 0.9,
-                 arms: Sequence[str] = ARMS, max_failures: int = 2,
+                 channels: Optional[Mapping[str, int]] = None, r_max: float = 0.9, max_failures: int = 2,
                  metric: str = "delta_g", mode: str = "min"):
         super().__init__(metric=metric, mode=mode)
         self.controller = controller.to_dict() if controller else None
         self.budgets = dict(budgets or {})
         self.channels = dict(channels or {})
         self.r_max = r_max
-        self.arms = list(arms)
         self.max_failures = max_failures
         self.trials: dict[str, dict[str, Any]] = {}  # trial id → the config it was given
         self.observed: set[str] = set()
         self.failures: dict[float, int] = {}
-        self.finals_issued = False
-        self.final_queue: list[dict[str, Any]] = []
 
     # -- helpers
     def _ctl(self) -> Controller:
@@ -55,32 +50,14 @@ class RatioSearcher(Searcher):
         return {"kind": "step", "arm": "step", "r": r, "step": step,
                 "ratios": allocate(r, self.budgets, self.channels, self.r_max)}
 
-    def _finals(self, ctl: Controller) -> list[dict[str, Any]]:
-        r_star = ctl.r_star
-        adaptive_macs = next((s.get("macs") for s in ctl.steps if s["r"] == r_star and s["measured"]), None)
-        ratios = allocate(r_star, self.budgets, self.channels, self.r_max) if r_star > 0 else {}
-        finals = []
-        for arm in self.arms:
-            cfg = {"kind": "finetune", "arm": arm, "r": r_star if arm == "adaptive" else None, "step": None,
-                   "ratios": ratios if arm == "adaptive" else {}}
-            if arm == "uniform":
-                cfg["target_macs"] = adaptive_macs
-            finals.append(cfg)
-        return finals
-
     # -- the Searcher contract
     def suggest(self, trial_id: str) -> Optional[dict[str, Any] | str]:
         ctl = self._ctl()
-        if not ctl.done:
-            if self._waiting():
-                return None
-            cfg = self._step_config(ctl.propose(), len(ctl.steps))
-        else:
-            if not self.finals_issued:
-                self.final_queue, self.finals_issued = self._finals(ctl), True
-            if not self.final_queue:
-                return Searcher.FINISHED
-            cfg = self.final_queue.pop(0)
+        if ctl.done:
+            return Searcher.FINISHED
+        if self._waiting():
+            return None
+        cfg = self._step_config(ctl.propose(), len(ctl.steps))
         self.trials[trial_id] = cfg
         return cfg
 

@@ -41,13 +41,23 @@ def chunked(items: Sequence[str], chunks: int) -> list[list[str]]:
     return [list(items[i::chunks]) for i in range(chunks)]
 
 
+def submit_sensitivity(shared: Mapping[str, ray.ObjectRef], target: PruneTarget, bn_recalibration: bool,
+                       names: Sequence[str], ratio: float, chunks: int, cpus: float = 0.5,
+                       gpus: float = 0.0) -> list[ray.ObjectRef]:
+    """Start the tasks that measure ΔG_L for every group in ``names``, ``chunks`` of them; ``shared``: the object
+    refs of the base model and calibration set (``holder.share``; a probe pool's ``shared``)."""
+    task = sensitivity_chunk.options(num_cpus=cpus, num_gpus=gpus)
+    return [task.remote(shared["base"], shared["calibration"], target, bn_recalibration, chunk, ratio)
+            for chunk in chunked(names, chunks)]
+
+
+def by_group(results: Sequence[Sequence[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """The tasks' rows keyed by group."""
+    return {row["group"]: row for rows in results for row in rows}
+
+
 def run_sensitivity(shared: Mapping[str, ray.ObjectRef], target: PruneTarget, bn_recalibration: bool,
                     names: Sequence[str], ratio: float, chunks: int, cpus: float = 0.5,
                     gpus: float = 0.0, gather: Callable[[list], list] = ray.get) -> dict[str, dict[str, Any]]:
-    """ΔG_L for every group in ``names``, fanned out over ``chunks`` Ray tasks; keyed by group. ``shared``: the
-    object refs of the base model and calibration set (``holder.share``; a probe pool's ``shared``)."""
-    task = sensitivity_chunk.options(num_cpus=cpus, num_gpus=gpus)
-    refs = [task.remote(shared["base"], shared["calibration"], target, bn_recalibration, chunk, ratio)
-            for chunk in chunked(names, chunks)]
-    rows = [row for chunk_rows in gather(refs) for row in chunk_rows]
-    return {row["group"]: row for row in rows}
+    """ΔG_L for every group in ``names``, fanned out over ``chunks`` Ray tasks; keyed by group."""
+    return by_group(gather(submit_sensitivity(shared, target, bn_recalibration, names, ratio, chunks, cpus, gpus)))

@@ -1,9 +1,10 @@
 """Training through Ray Train: a ``TorchTrainer`` around ``core.train`` (DDP when several workers).
 
 Used for the baseline (from the driver) and for every fine-tune (inside a Tune trial). Workers
-rebuild the (pruned) model from its card, pruning history and weights, train it with
-``core.train.train`` on their shard, report every epoch with a ``ray.train.Checkpoint`` (rank 0
-writes it), and finish with the test top-1.
+build the model from its card and weights; a fine-tune worker prunes it with its arm's ratios and
+runs ``core.protocol.finetune_arm`` (recalibrate, ΔG and top-1 before, fine-tune on its shard, top-1
+and ΔG after), so nothing waits on the probe actors. Every epoch is reported with a
+``ray.train.Checkpoint`` (rank 0 writes it, uploaded in the background).
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import ray
 import torch
 
 from ..core.config import TrainConfig
-from ..core.pruning import ModelCard, replay_pruning
+from ..core.geometry import GeometryMeter
+from ..core.method import PruneTarget
+from ..core.protocol import finetune_arm
+from ..core.pruning import ModelCard
 from ..core.train import evaluate, train
 from .progress import post
 
@@ -31,6 +35,36 @@ class Scaling:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    threads: int = 0  # torch threads per worker; 0: the whole CPUs it holds (at least one)
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or max(1, int(self.cpus_per_worker))
+
+
+@dataclass(frozen=True)
+class ArmJob:
+    """What a fine-tune worker needs besides the base weights and the data: the arm's pruning and the
+    calibration set, to measure ΔG before and after fine-tuning where the model already is."""
+
+    ratios: Any  # per-group dict, or one float
+    calibration_ref: Any  # ObjectRef of the Calibration
+    target: PruneTarget
+    bn_recalibration: bool = True
+
+
+def _checkpoint(model: torch.nn.Module, history: list, final: bool) -> tuple[Any, dict]:
+    """A ``ray.train.Checkpoint`` of the weights and pruning history. Per-epoch ones upload in the background
+    (ASYNC, deleted locally once uploaded), so they never block an epoch; the last one is uploaded before
+    ``fit`` returns, since the result is read from it."""
+    import ray.train
+
+    folder = tempfile.mkdtemp(prefix="geoprune-ckpt-")
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history},
+               Path(folder) / CHECKPOINT_FILE)
+    mode = ray.train.CheckpointUploadMode.SYNC if final else ray.train.CheckpointUploadMode.ASYNC
+    return ray.train.Checkpoint.from_directory(folder), {"checkpoint_upload_mode": mode,
+                                                         "delete_local_checkpoint_after_upload": True}
 
 
 def train_worker(config: dict) -> None:
@@ -38,30 +72,28 @@ def train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    torch.set_num_threads(max(1, int(config["cpus"])))
+    entered = time.time()  # the end of a launch's start-up (bench: train_launch_cost)
+    torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     card = ModelCard.from_dict(config["card"])
-    model = replay_pruning(card.build(), config["history"], card.input_shape)
+    model = card.build()
     model.load_state_dict(ray.get(config["state_ref"]))
     train_set, test_set = ray.get(config["data_ref"])
     model.to(device)
-    top1_before = evaluate(model, test_set, device)["top1"]
-    net = ray.train.torch.prepare_model(model) if world > 1 else model
-
-    def report(metrics: dict) -> None:
-        checkpoint: Optional[ray.train.Checkpoint] = None
-        with tempfile.TemporaryDirectory() as folder:
-            if rank == 0:
-                torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                            "history": config["history"]}, Path(folder) / CHECKPOINT_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report({**metrics, "top1_before": top1_before, "device": str(device)}, checkpoint=checkpoint)
-
     cfg = TrainConfig.from_dict(config["train"])
     run_id, label = config.get("progress") or (None, None)
     started = time.time()
+    current: dict[str, Any] = {"model": model, "history": []}  # what each epoch's checkpoint holds
+
+    def report(metrics: dict, final: bool = False) -> None:
+        if rank == 0:
+            checkpoint, options = _checkpoint(current["model"], current["history"], final)
+            ray.train.report({**metrics, "device": str(device), "worker_entered": entered,
+                              "worker_reported": time.time()}, checkpoint=checkpoint, **options)
+        else:
+            ray.train.report({**metrics, "device": str(device)})
 
     def on_epoch(epoch: int, metrics: dict) -> None:
         if rank == 0:
@@ -69,8 +101,18 @@ def train_worker(config: dict) -> None:
                  started=started)
         report({**metrics, "top1": float("nan")})
 
-    train(net, train_set, cfg, device, on_epoch=on_epoch, rank=rank, world_size=world)
-    report({"epoch": cfg.epochs, "top1": evaluate(model, test_set, device)["top1"]})
+    wrap = (lambda m: ray.train.torch.prepare_model(m)) if world > 1 else (lambda m: m)
+    job: Optional[ArmJob] = config.get("arm")
+    if job is None:  # the baseline
+        train(wrap(model), train_set, cfg, device, on_epoch=on_epoch, rank=rank, world_size=world)
+        report({"epoch": cfg.epochs, "top1": evaluate(model, test_set, device)["top1"]}, final=True)
+        return
+    meter = GeometryMeter(ray.get(job.calibration_ref).to(device), job.bn_recalibration)
+    meter.set_reference(model)
+    _, _, result = finetune_arm(model, job.ratios, meter, job.target, train_set, test_set, cfg, device, wrap=wrap,
+                                on_epoch=on_epoch, rank=rank, world_size=world,
+                                on_pruned=lambda pruned, history: current.update(model=pruned, history=history))
+    report({"epoch": cfg.epochs, **result.to_dict()}, final=True)
 
 
 def _worker_resources(scaling: Scaling) -> dict[str, float]:
@@ -80,24 +122,26 @@ def _worker_resources(scaling: Scaling) -> dict[str, float]:
     return resources
 
 
-def fit(card: ModelCard, history: list, state_dict: Mapping[str, torch.Tensor], data_ref: Any, cfg: TrainConfig,
-        scaling: Scaling, storage: str, name: str, progress: Optional[tuple[str, str]] = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Train a (pruned) model through Ray Train; returns its final weights and last metrics."""
+def fit(card: ModelCard, state_ref: Any, data_ref: Any, cfg: TrainConfig, scaling: Scaling, storage: str, name: str,
+        arm: Optional[ArmJob] = None, progress: Optional[tuple[str, str]] = None
+        ) -> tuple[dict[str, torch.Tensor], list, dict[str, Any]]:
+    """Train the model ``state_ref`` holds through Ray Train: the baseline as it is, or, given ``arm``, a pruned copy
+    (pruned, measured and fine-tuned on the worker). Returns the final weights, the pruning history and the last
+    metrics."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"card": card.to_dict(), "history": history, "state_ref": ray.put(dict(state_dict)),
-                           "data_ref": data_ref, "train": cfg.to_dict(),
-                           "cpus": scaling.cpus_per_worker, "progress": progress},
+        train_loop_config={"card": card.to_dict(), "state_ref": state_ref, "data_ref": data_ref, "arm": arm,
+                           "train": cfg.to_dict(), "threads": scaling.torch_threads, "progress": progress},
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=_worker_resources(scaling)),
         run_config=RunConfig(name=name, storage_path=storage),
     )
     result = trainer.fit()
     payload = load_checkpoint(result.checkpoint)
-    return payload["state_dict"], {**result.metrics, "checkpoint_path": result.checkpoint.path}
+    return payload["state_dict"], payload["history"], {**result.metrics, "checkpoint_path": result.checkpoint.path}
 
 
 def load_checkpoint(checkpoint: "ray.train.Checkpoint | str") -> dict[str, Any]:

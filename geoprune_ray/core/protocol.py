@@ -1,0 +1,244 @@
+"""The protocol (METHOD.md §7), once: every step both paths take, and the summary they write.
+
+baseline → G_noise, probes → τ → sensitivity → τ_L → controller → every arm's ratios → fine-tune
+each arm → evaluate. ``core.reference.adaptive_prune`` runs these steps in one process;
+``distributed.pipeline`` runs the same functions and supplies only how the work is mapped (probe
+actors, sensitivity tasks, Tune trials, Ray Train workers). What differs between the two paths is
+where a measurement runs, never what is measured or how a decision is taken.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .config import MethodConfig, TrainConfig
+from .data import Dataset
+from .geometry import GeometryMeter
+from .method import (GC_BUDGET, GC_GRID, Controller, PruneTarget, allocate, gc_ratio, initial_ratio, layer_budgets,
+                     match_macs, tau, weighted_ratio)
+from .pruning import ModelCard, macs_params, prune_copy
+from .train import evaluate, train
+
+log = logging.getLogger("geoprune_ray")
+SCHEMA_VERSION = 1
+ARMS = ("adaptive", "baseline", "gc", "uniform")
+ARM_LABELS = {"adaptive": "Adaptive GC", "baseline": "Baseline", "gc": f"GC (τ = {GC_BUDGET:g})",
+              "uniform": "Uniform L2"}
+
+# ``measure_many(list of ratios, size_only=False) → list of {"delta_g", "macs", "params", ...}`` (only MACs and
+# params with ``size_only``): how a path measures pruned copies of the base model
+MeasureMany = Callable[..., list[dict[str, Any]]]
+
+
+# ---------------------------------------------------------------- search: τ, τ_L, the controller
+
+
+def probe_rows(ratios: Sequence[float], records: Sequence[Mapping[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """One row per probe (METHOD.md §4): its ratio, seed and what was measured, with how many channels it removed."""
+    return [{"probe": m, "ratio": r, "seed": seed, **rec} for m, (r, rec) in enumerate(zip(ratios, records))]
+
+
+def removed_nothing(probes: Sequence[Mapping[str, Any]], base_macs: int) -> int:
+    """How many probes were too small to remove a channel anywhere (METHOD.md §4: they stay in the sample)."""
+    return sum(1 for p in probes if p["macs"] >= base_macs)
+
+
+def budget_from_probes(noise: float, probes: Sequence[Mapping[str, Any]], cfg: MethodConfig, base_macs: int) -> float:
+    """τ from the probe sample; says how many probes removed no channel."""
+    budget = tau(noise, [p["delta_g"] for p in probes], cfg.beta)
+    empty = removed_nothing(probes, base_macs)
+    if empty:
+        log.info("%d of %d probes removed no channel (ΔG = 0): kept in τ's sample", empty, len(probes))
+    return budget
+
+
+def epsilon_of(noise: float, cfg: MethodConfig) -> float:
+    return noise if cfg.epsilon is None else cfg.epsilon
+
+
+def group_budgets(budget: float, sensitivities: Mapping[str, float], noise: float,
+                  cfg: MethodConfig) -> dict[str, float]:
+    """τ_L for every group (ε defaults to G_noise)."""
+    return layer_budgets(budget, sensitivities, epsilon_of(noise, cfg))
+
+
+def new_controller(cfg: MethodConfig, probes: Sequence[Mapping[str, Any]], budget: float) -> Controller:
+    """The r controller, started at r_0 from the probes."""
+    r0 = min(initial_ratio(probes, budget, cfg.r0_default), cfg.r_max)
+    return Controller(budget, r0, cfg.r_max, cfg.delta, cfg.gamma, cfg.controller, cfg.t_max, cfg.bisect_min_delta)
+
+
+def r_star_of(ctl: Controller) -> float:
+    """r* of a stopped controller; warns when no step stayed within τ."""
+    if ctl.r_star == 0.0:
+        log.warning("no controller step stayed within τ = %.4f: the model is returned unpruned", ctl.budget)
+    return ctl.r_star
+
+
+def final_ratios(r_star: float, budgets: Mapping[str, float], channels: Mapping[str, int],
+                 cfg: MethodConfig) -> dict[str, float]:
+    return allocate(r_star, budgets, channels, cfg.r_max) if r_star > 0 else {}
+
+
+def controller_record(ctl: Controller, cfg: MethodConfig) -> dict[str, Any]:
+    r0 = ctl.steps[0]["r"] if ctl.steps else ctl.r
+    return {"mode": cfg.controller, "r0": r0, "steps": ctl.steps, "stop_reason": ctl.stop_reason,
+            "r_star": ctl.r_star}
+
+
+# ---------------------------------------------------------------- arms: every arm's ratios, from training data
+
+
+@dataclass
+class ArmPlan:
+    """How an arm prunes, settled before any fine-tune starts (its ΔG and size measured on the base)."""
+
+    arm: str
+    r: float  # the arm's global ratio (r* for Adaptive GC, the uniform ratio otherwise)
+    ratios: Any  # per-group dict, or one float for every group
+    delta_g: float
+    macs: int
+    params: int
+    budget: Optional[float] = None
+    match: Optional[dict[str, Any]] = None  # Uniform L2: the MACs match (gap, adjusted groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ArmPlan":
+        return cls(**data)
+
+
+def settle_arms(arms: Sequence[str], r_star: float, adaptive: Mapping[str, float], budget: float,
+                channels: Mapping[str, int], cfg: MethodConfig, measure_many: MeasureMany,
+                base_macs: int, base_params: int) -> dict[str, ArmPlan]:
+    """Every arm's pruning (METHOD.md §7): Adaptive GC at r*; GC the largest grid ratio within τ = 0.07; Uniform L2
+    one ratio moved to within ±1% of Adaptive GC's MACs; Baseline unpruned."""
+    plans: dict[str, ArmPlan] = {}
+    (rec,) = measure_many([adaptive or 0.0])
+    plans["adaptive"] = ArmPlan("adaptive", r_star, dict(adaptive), rec["delta_g"], rec["macs"], rec["params"], budget)
+    if "baseline" in arms:
+        plans["baseline"] = ArmPlan("baseline", 0.0, 0.0, 0.0, base_macs, base_params)
+    if "gc" in arms:
+        grid = [float(g) for g in GC_GRID if g <= cfg.r_max]
+        recs = measure_many(grid)
+        r = gc_ratio({g: rec["delta_g"] for g, rec in zip(grid, recs)})
+        rec = recs[grid.index(r)] if r else {"delta_g": 0.0, "macs": base_macs, "params": base_params}
+        plans["gc"] = ArmPlan("gc", r, r, rec["delta_g"], rec["macs"], rec["params"], GC_BUDGET)
+    if "uniform" in arms:
+        plans["uniform"] = _uniform(plans["adaptive"], channels, cfg, measure_many, base_macs, base_params)
+    return {arm: plans[arm] for arm in arms}
+
+
+def _uniform(adaptive: ArmPlan, channels: Mapping[str, int], cfg: MethodConfig, measure_many: MeasureMany,
+             base_macs: int, base_params: int) -> ArmPlan:
+    if adaptive.macs >= base_macs:
+        return ArmPlan("uniform", 0.0, 0.0, 0.0, base_macs, base_params, match={"gap": 0.0, "adjusted": {}})
+    sizes: dict[str, dict[str, Any]] = {}
+
+    def macs_of(ratios: Mapping[str, float] | float) -> float:
+        rec = measure_many([ratios], size_only=True)[0]
+        sizes[repr(ratios)] = rec
+        return rec["macs"]
+
+    m = match_macs(adaptive.macs, macs_of, channels, cfg.r_max, round_to=cfg.round_to)
+    if not m.within:
+        log.warning("Uniform L2 reached %+.2f%% of Adaptive GC's MACs, not ±1%%: integer channel counts allow no "
+                    "closer match (recorded in the arms table)", 100 * m.gap)
+    (rec,) = measure_many([m.ratios])
+    return ArmPlan("uniform", m.ratio, m.ratios, rec["delta_g"], rec["macs"], rec["params"],
+                   match={"gap": m.gap, "adjusted": m.adjusted, "within": m.within, "macs_target": adaptive.macs})
+
+
+# ---------------------------------------------------------------- fine-tune one arm
+
+
+@dataclass
+class ArmResult:
+    """One arm after fine-tuning: accuracy before and after, size, ΔG before and after."""
+
+    top1_before_finetune: float
+    top1: float
+    macs: int
+    params: int
+    delta_g: float
+    delta_g_after: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def finetune_arm(base: nn.Module, ratios: Mapping[str, float] | float, meter: GeometryMeter, target: PruneTarget,
+                 train_set: Dataset, test_set: Dataset, cfg: TrainConfig, device: torch.device,
+                 wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+                 on_epoch: Optional[Callable[[int, dict], None]] = None, rank: int = 0, world_size: int = 1,
+                 on_pruned: Optional[Callable[[nn.Module, list], None]] = None) -> tuple[nn.Module, list, ArmResult]:
+    """Prune a copy of the (recalibrated) base, recalibrate, measure, fine-tune, measure again.
+
+    ΔG before fine-tuning recalibrates the pruned copy's BN in place, so the fine-tune starts from sound
+    statistics; ΔG after is measured on a copy, so the returned weights are the fine-tuned ones.
+    ``wrap`` turns the model into what is trained (DDP on a Ray Train worker); ``on_pruned`` sees the pruned
+    model and its history before training (what a worker checkpoints each epoch)."""
+    pruned, history = prune_copy(base, ratios, target.input_shape, target.num_classes, target.importance,
+                                 target.round_to)
+    pruned.to(device)
+    if on_pruned is not None:
+        on_pruned(pruned, history)
+    dg_before = meter.delta(pruned)
+    before = evaluate(pruned, test_set, device)["top1"]
+    train(wrap(pruned), train_set, cfg, device, on_epoch=on_epoch, rank=rank, world_size=world_size)
+    after = evaluate(pruned, test_set, device)["top1"]
+    dg_after = meter.delta(copy.deepcopy(pruned))
+    macs, params = macs_params(pruned, target.input_shape)
+    return pruned, history, ArmResult(before, after, macs, params, dg_before, dg_after)
+
+
+# ---------------------------------------------------------------- the summary both paths write
+
+
+def arm_row(plan: ArmPlan, result: Mapping[str, Any]) -> dict[str, Any]:
+    """One row of the paper's table (Method | Top-1 | Params | MACs | ΔG), with what the arm was given."""
+    row = {"method": ARM_LABELS[plan.arm], "arm": plan.arm, "r": plan.r, "top1": result["top1"],
+           "top1_before_finetune": result["top1_before_finetune"], "params_m": result["params"] / 1e6,
+           "macs_m": result["macs"] / 1e6, "delta_g": result["delta_g"], "delta_g_after": result["delta_g_after"],
+           "budget": plan.budget}
+    if plan.match is not None:
+        row["macs_gap"] = plan.match.get("gap")
+        row["adjusted_groups"] = len(plan.match.get("adjusted", {}))
+    return row
+
+
+def summary(card: ModelCard, train_set: Dataset, test_set: Dataset, calibration_size: int, cfg: MethodConfig,
+            baseline_cfg: Optional[TrainConfig], finetune_cfg: TrainConfig, noise: float, budget: float,
+            probes: Sequence[Mapping[str, Any]], ctl: Controller, channels: Mapping[str, int],
+            adaptive: ArmPlan, result: Mapping[str, Any], base: Mapping[str, Any], timings: Mapping[str, float],
+            provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The summary's common part: what the method decided and what the Adaptive GC model measures."""
+    ratios = adaptive.ratios if isinstance(adaptive.ratios, Mapping) else {}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": card.to_dict(),
+        "dataset": {"name": train_set.name, "train_size": len(train_set), "test_size": len(test_set),
+                    "calibration_size": calibration_size},
+        "config": {"method": cfg.to_dict(), "epsilon_used": epsilon_of(noise, cfg),
+                   "baseline": baseline_cfg.to_dict() if baseline_cfg else None, "finetune": finetune_cfg.to_dict()},
+        "g_noise": noise,
+        "tau": budget,
+        "probes_removing_nothing": removed_nothing(probes, base["macs"]),
+        "controller": controller_record(ctl, cfg),
+        "baseline": dict(base),
+        "pruned": {"r_star": ctl.r_star, "mean_ratio": weighted_ratio(ratios, channels) if ratios else 0.0,
+                   "top1_before_finetune": result["top1_before_finetune"], "top1": result["top1"],
+                   "macs": result["macs"], "params": result["params"],
+                   "delta_g_before_finetune": result["delta_g"], "delta_g_after_finetune": result["delta_g_after"],
+                   "macs_ratio": result["macs"] / base["macs"], "params_ratio": result["params"] / base["params"]},
+        "timings_s": dict(timings),
+        "provenance": dict(provenance),
+    }

@@ -1,0 +1,75 @@
+"""One protocol, two mappings: the in-process path and the Ray pipeline decide the same things on the same input."""
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from geoprune_ray.core.method import match_macs
+from geoprune_ray.core.models import build_model
+from geoprune_ray.core.pruning import dependency_groups, kept_channels, macs_params, prune_copy
+from geoprune_ray.core.reference import adaptive_prune
+from geoprune_ray.distributed.job import JobSpec
+from geoprune_ray.distributed.pipeline import run_job
+
+from conftest import pipeline_job
+
+
+@pytest.fixture(scope="module")
+def both_paths(ray_cluster, digits_weights, tmp_path_factory):
+    """The digits job, adaptive arm only, through Ray and in one process, from the same trained weights."""
+    spec = JobSpec.from_dict(pipeline_job(digits_weights, ["adaptive"], "digits-equivalence"))
+    storage = tmp_path_factory.mktemp("equivalence") / "ray"
+    ray_summary = run_job(spec, str(storage))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the probe actors and sensitivity tasks run one thread each
+    try:
+        local = adaptive_prune(spec.model.name, spec.data.name, spec.data.name, method=spec.method_config(),
+                               finetune_cfg=spec.finetune_config(), width=spec.model.width,
+                               weights=str(spec.model.weights), device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    return storage, ray_summary, local.summary
+
+
+def test_both_paths_decide_the_same(both_paths):
+    storage, ray_summary, local = both_paths
+    assert ray_summary["g_noise"] == pytest.approx(local["g_noise"], abs=1e-9)
+    ray_probes = pq.read_table(storage / "probes.parquet").to_pandas().sort_values("probe")
+    assert list(ray_probes["ratio"]) == [p["ratio"] for p in local["probes"]]
+    for ray_dg, p in zip(ray_probes["delta_g"], local["probes"]):
+        assert abs(ray_dg - p["delta_g"]) <= 1e-5
+    assert ray_summary["tau"] == pytest.approx(local["tau"], abs=1e-5)
+    ray_groups = pq.read_table(storage / "sensitivity.parquet").to_pandas().set_index("group")
+    for g in local["sensitivity"]:
+        assert ray_groups.loc[g["group"], "tau_l"] == pytest.approx(g["tau_l"], rel=1e-4)
+    assert [s["r"] for s in ray_summary["controller"]["steps"]] == [s["r"] for s in local["controller"]["steps"]]
+    assert ray_summary["controller"]["r_star"] == local["controller"]["r_star"] > 0
+    assert ray_summary["pruned"]["macs"] == local["pruned"]["macs"]
+    # The same summary, written by the same function: every key the in-process path writes, Ray writes too.
+    assert set(local) - {"probes", "sensitivity"} <= set(ray_summary)
+    assert ray_summary["pruned"]["top1"] > 90 and local["pruned"]["top1"] > 90
+
+
+def test_uniform_l2_reaches_the_target_macs_within_one_percent(digits_model):
+    """METHOD.md §7: one ratio, then single groups moved by one channel, largest first, to within ±1%."""
+    shape, classes = (3, 8, 8), 10
+    groups = {g.name: g.channels for g in dependency_groups(digits_model, shape, classes)}
+    base_macs = macs_params(digits_model, shape)[0]
+
+    def macs_of(ratios):
+        return macs_params(prune_copy(digits_model, ratios, shape, classes)[0], shape)[0]
+
+    for target in (0.71 * base_macs, 0.5 * base_macs, 0.33 * base_macs):
+        m = match_macs(target, macs_of, groups)
+        assert m.within and abs(m.macs - target) / target <= 0.01
+        assert m.macs == macs_of(m.ratios)  # the recorded ratios give the recorded MACs
+        for g, n in groups.items():  # one ratio for all, except the recorded one-channel moves
+            assert n - round(m.ratios[g] * n) == kept_channels(n, m.ratio) + m.adjusted.get(g, 0)
+    # A target no channel count reaches: the closest match, recorded as out of reach.
+    tiny = build_model("convnet", classes, width=0.05)
+    tiny_groups = {g.name: g.channels for g in dependency_groups(tiny, shape, classes)}
+    tiny_macs = macs_params(tiny, shape)[0]
+    m = match_macs(0.999 * tiny_macs, lambda r: macs_params(prune_copy(tiny, r, shape, classes)[0], shape)[0],
+                   tiny_groups, tolerance=1e-6)
+    assert not m.within and m.gap != 0.0
+
