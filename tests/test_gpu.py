@@ -10,7 +10,7 @@ from geoprune_ray.core.config import MethodConfig, TrainConfig
 from geoprune_ray.core.geometry import Calibration, GeometryMeter
 from geoprune_ray.core.method import PruneTarget, measure
 from geoprune_ray.core.models import build_model
-from geoprune_ray.core.train import evaluate, train
+from geoprune_ray.core.train import _optimizer, _scheduler, evaluate, train, train_step
 from geoprune_ray.bench.core import synthetic_set
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -43,6 +43,27 @@ def test_training_on_gpu_learns_and_keeps_fp32_weights():
     train(trained, data, TrainConfig(epochs=3, batch_size=64, lr=0.1), "cuda")
     assert all(p.dtype == torch.float32 for p in trained.parameters())  # bf16 only inside autocast
     assert evaluate(trained, data, "cuda")["loss"] < before
+
+
+def test_a_training_step_never_waits_on_the_host():
+    """Issue 12: no host-device synchronisation inside a training step (augmentation draws on the device, normalize
+    keeps its mean/std there). CUDA's sync-debug mode turns any synchronising call into an error."""
+    model, data, _, _ = _setup(per_class=40)
+    device = torch.device("cuda")
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.1)
+    train(model, data, cfg, device)  # warm-up: cuDNN's choices, the lazy init of autocast and the optimizer
+    opt, gen = _optimizer(model, cfg), torch.Generator(device=device).manual_seed(0)
+    sched = _scheduler(opt, cfg, 100)
+    images, labels = data.images[:64].to(device), data.labels[:64].to(device)
+    model.train()
+    train_step(model, opt, sched, images, labels, data, cfg, gen, device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, hits = train_step(model, opt, sched, images, labels, data, cfg, gen, device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert loss.device.type == "cuda" and float(loss) > 0 and 0 <= int(hits) <= 64
 
 
 def test_four_probe_actors_share_one_gpu(ray_cluster):

@@ -7,6 +7,7 @@ fixed set of training batches (switchable off to reproduce the paper literally).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -21,9 +22,19 @@ from .models import classifier_head
 
 def normalize(images: Tensor, mean: Iterable[float], std: Iterable[float], dtype=torch.float32) -> Tensor:
     """uint8 (N, C, H, W) → normalised floats on the images' device."""
-    mean_t = torch.tensor(list(mean), device=images.device, dtype=dtype).view(1, -1, 1, 1) * 255.0
-    std_t = torch.tensor(list(std), device=images.device, dtype=dtype).view(1, -1, 1, 1) * 255.0
+    mean_t, std_t = _moments(tuple(mean), tuple(std), images.device, dtype)
     return (images.to(dtype) - mean_t) / std_t
+
+
+@functools.lru_cache(maxsize=64)
+def _moments(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device, dtype) -> tuple[Tensor, Tensor]:
+    """The (1, C, 1, 1) mean and std, in 0-255 units, built once per device: a training step on a GPU would otherwise
+    copy two small tensors from the host every step. (Made as normal tensors even when first asked for inside
+    ``inference_mode``, so training may use them later.)"""
+    with torch.inference_mode(False), torch.no_grad():
+        mean_t = torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1) * 255.0
+        std_t = torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1) * 255.0
+    return mean_t, std_t
 
 
 @torch.no_grad()

@@ -57,19 +57,23 @@ def iterate_batches(data: Dataset, batch_size: int, device: torch.device, shuffl
 
 
 def augment(images: Tensor, flip: bool, gen: torch.Generator) -> Tensor:
-    """Random translation (pad-and-crop, pad = size/8) and, where label-preserving, horizontal flip."""
+    """Random translation (pad-and-crop, pad = size/8) and, where label-preserving, horizontal flip.
+
+    The random numbers are drawn by ``gen`` on the images' device, so a step on a GPU copies nothing from the host
+    (``train`` makes ``gen`` on its device)."""
     n, _, h, w = images.shape
+    dev = images.device
     pad = max(1, min(h, w) // 8)
     padded = F.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(images.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(images.device)
-    rows = (torch.arange(h, device=images.device)[None, :] + dy[:, None])[:, None, :, None]
-    cols = (torch.arange(w, device=images.device)[None, :] + dx[:, None])[:, None, None, :]
-    batch = torch.arange(n, device=images.device)[:, None, None, None]
-    chan = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=dev)
+    rows = (torch.arange(h, device=dev)[None, :] + dy[:, None])[:, None, :, None]
+    cols = (torch.arange(w, device=dev)[None, :] + dx[:, None])[:, None, None, :]
+    batch = torch.arange(n, device=dev)[:, None, None, None]
+    chan = torch.arange(images.shape[1], device=dev)[None, :, None, None]
     out = padded[batch, chan, rows, cols]
     if flip:
-        mirror = (torch.rand(n, generator=gen) < 0.5).to(images.device)[:, None, None, None]
+        mirror = (torch.rand(n, generator=gen, device=dev) < 0.5)[:, None, None, None]
         out = torch.where(mirror, out.flip(-1), out)
     return out
 
@@ -106,6 +110,22 @@ def _inputs(images: Tensor, data: Dataset, device: torch.device) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, images: Tensor, labels: Tensor, data: Dataset,
+               cfg: TrainConfig, gen: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
+    """One optimisation step on a batch already on ``device``; returns the loss and the number of correct predictions
+    as device tensors. Nothing in it waits on the host (tests/test_gpu.py checks it in CUDA's sync-debug mode)."""
+    if cfg.augment:
+        images = augment(images, data.flip, gen)
+    with _autocast(device):
+        logits = model(_inputs(images, data, device))
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.detach(), (logits.argmax(1) == labels).sum()
+
+
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, device: str | torch.device | None = None,
           on_epoch: Optional[Callable[[int, dict], None]] = None, rank: int = 0, world_size: int = 1) -> list[dict]:
     """Train ``model`` in place for ``cfg.epochs`` epochs; returns one metrics dict per epoch."""
@@ -114,7 +134,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, device: str | torch
     if cfg.epochs == 0:
         return []
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # augmentation draws where the batch is
     per_rank = len(data) // world_size
     drop_last = per_rank >= 2 * cfg.batch_size  # avoid a tiny last batch upsetting BN
     steps = (per_rank // cfg.batch_size) if drop_last else math.ceil(per_rank / cfg.batch_size)
@@ -127,17 +147,9 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, device: str | torch
         start, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros((), device=device), torch.zeros((), device=device)
         for images, labels in iterate_batches(data, cfg.batch_size, device, True, cfg.seed + epoch, rank, world_size,
                                               drop_last, resident):
-            if cfg.augment:
-                images = augment(images, data.flip, gen)
-            with _autocast(device):
-                logits = model(_inputs(images, data, device))
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
+            loss, hits = train_step(model, opt, sched, images, labels, data, cfg, gen, device)
+            loss_sum += loss * len(labels)
+            correct += hits
             seen += len(labels)
         metrics = {"epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1),
                    "train_top1": 100.0 * float(correct) / max(seen, 1), "seconds": time.perf_counter() - start}
