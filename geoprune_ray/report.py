@@ -17,11 +17,11 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from .core.protocol import ARM_LABELS  # noqa: E402
 from .distributed.rundir import RunDir  # noqa: E402
 from .errors import GeopruneError  # noqa: E402
 
-PLOTS = ("probes", "probe_accuracy", "trajectory", "groups", "accuracy_macs", "speed")
-ARM_LABELS = {"baseline": "Baseline", "gc": "GC (τ = 0.07)", "adaptive": "Adaptive GC", "uniform": "Uniform L2"}
+PLOTS = ("probes", "probe_accuracy", "trajectory", "groups", "accuracy_macs", "speed", "timeline")
 ARM_COLORS = {"baseline": "tab:gray", "gc": "tab:orange", "adaptive": "tab:blue", "uniform": "tab:green"}
 
 
@@ -137,6 +137,37 @@ def plot_speed(speed: dict) -> Figure:
     return fig
 
 
+def _timeline_row(stage: str) -> str:
+    """Controller steps share one row; each fine-tune, stage and span has its own."""
+    return "controller steps" if stage.startswith("step ") else stage
+
+
+def plot_timeline(timeline: Sequence[dict]) -> Figure:
+    """The run's stages, spans and trials on one time axis (a Gantt chart): what ran at the same time."""
+    rows: list[str] = []
+    for item in timeline:
+        if _timeline_row(item["stage"]) not in rows:
+            rows.append(_timeline_row(item["stage"]))
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(rows) + 1.2))
+    for item in timeline:
+        y = rows.index(_timeline_row(item["stage"]))
+        arm = item["stage"].removeprefix("fine-tune ")
+        color = ARM_COLORS.get(arm, "tab:purple" if item["stage"].startswith("step ") else "tab:cyan")
+        ax.barh(y, max(item["end"] - item["start"], 0.05), left=item["start"], color=color, height=0.6)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.invert_yaxis()
+    ax.set(xlabel="seconds from the start of the run", title="Stages on one time axis")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def timeline_table(timeline: Sequence[dict]) -> str:
+    lines = ["| stage | start (s) | end (s) | seconds |", "|---|---|---|---|"]
+    lines += [f"| {t['stage']} | {t['start']:.1f} | {t['end']:.1f} | {t['end'] - t['start']:.1f} |" for t in timeline]
+    return "\n".join(lines)
+
+
 def _threads(speed: dict) -> str:
     return f"{speed['threads']} CPU thread{'s' if speed['threads'] != 1 else ''}"
 
@@ -155,6 +186,8 @@ def figures(summary: dict, probes: list[dict], groups: list[dict], trials: list[
             "accuracy_macs": plot_accuracy_macs(finetuned)}
     if summary.get("speed"):
         figs["speed"] = plot_speed(summary["speed"])
+    if summary.get("timeline"):
+        figs["timeline"] = plot_timeline(summary["timeline"])
     return figs
 
 
@@ -237,12 +270,13 @@ def markdown(summary: dict, trials: list[dict], groups: list[dict], plots: Seque
     captions = {"probes": "ΔG probe sample with G_noise and τ", "probe_accuracy": "Probes: ΔG vs top-1 drop",
                 "trajectory": "Controller trajectory",
                 "groups": "Per-group pruning ratios", "accuracy_macs": "Top-1 vs MACs of fine-tuned trials",
-                "speed": "Inference throughput, base vs pruned"}
+                "speed": "Inference throughput, base vs pruned", "timeline": "Stages on one time axis"}
     lines += [f"![{captions[name]}](plots/{name}.png)" for name in plots]
-    timings = s.get("timings_s", {})
-    if timings:
+    if s.get("timeline"):  # start and end of each stage: what overlapped (plots/timeline.png draws it)
+        lines += ["", "## Stage times", "", timeline_table(s["timeline"])]
+    elif s.get("timings_s"):
         lines += ["", "## Stage times", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+        lines += [f"| {k} | {v:.1f} |" for k, v in s["timings_s"].items()]
     prov = s["provenance"]
     lines += ["", "## Provenance", "", ", ".join(f"{k}: {v}" for k, v in prov.items() if not isinstance(v, dict)), ""]
     return "\n".join(lines)

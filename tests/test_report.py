@@ -96,7 +96,7 @@ def test_report_md_links_plots_that_exist(full_run):
     storage, summary = full_run
     report = (storage / "report.md").read_text()  # written by the pipeline itself
     assert render_report(str(storage)).endswith("report.md")  # and re-rendered from the artifacts alone
-    for name in ("probes", "probe_accuracy", "trajectory", "groups", "accuracy_macs", "speed"):
+    for name in ("probes", "probe_accuracy", "trajectory", "groups", "accuracy_macs", "speed", "timeline"):
         assert f"(plots/{name}.png)" in report
         image = mpimg.imread(storage / "plots" / f"{name}.png")
         assert image.ndim == 3 and image.shape[0] > 200 and np.ptp(image) > 0
