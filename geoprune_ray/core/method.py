@@ -105,19 +105,20 @@ class Controller:
         """The next ratio to measure, or None once the controller has stopped."""
         return None if self.done else self.r
 
-    def observe(self, delta_g: float, **extra: Any) -> dict[str, Any]:
-        """Record ΔG measured at ``propose()``'s ratio, advance, and return the recorded step."""
+    def observe(self, delta_g: float, log_step: bool = True, **extra: Any) -> dict[str, Any]:
+        """Record ΔG measured at ``propose()``'s ratio, advance, and return the recorded step (logged unless
+        ``log_step`` is False: a replay of steps already logged)."""
         if self.done:
             raise RuntimeError("the controller has stopped; propose() returned None")
-        step = self._advance(delta_g, measured=True, **extra)
+        step = self._advance(delta_g, True, log_step, **extra)
         while not self.done and (seen := self._measured(self.r)) is not None:
-            self._advance(seen["delta_g"], measured=False)
+            self._advance(seen["delta_g"], False, log_step)
         return step
 
     def _measured(self, r: float) -> Optional[dict[str, Any]]:
         return next((s for s in self.steps if s["measured"] and s["r"] == r), None)
 
-    def _advance(self, delta_g: float, measured: bool, **extra: Any) -> dict[str, Any]:
+    def _advance(self, delta_g: float, measured: bool, log_step: bool = True, **extra: Any) -> dict[str, Any]:
         accepted = delta_g <= self.budget
         step = {"step": len(self.steps), "r": self.r, "delta_g": float(delta_g), "accepted": accepted,
                 "measured": measured, **extra}
@@ -127,8 +128,9 @@ class Controller:
                 self.delta, self.gamma = self.delta / 2, self.gamma / 2
         self.steps.append(step)
         nxt = round(self.r + self.delta if accepted else self.r - self.gamma, _RATIO_DIGITS)
-        log.info("controller step %d: r=%.4f ΔG=%.4f τ=%.4f %s", step["step"], self.r, delta_g, self.budget,
-                 "accepted" if accepted else "rejected")
+        if log_step:
+            log.info("controller step %d: r=%.4f ΔG=%.4f τ=%.4f %s", step["step"], self.r, delta_g, self.budget,
+                     "accepted" if accepted else "rejected")
         if self.mode == "paper" and self.switches >= 2:
             self._stop("second switch between accepted and rejected steps")
         elif self.mode == "bisect" and self.delta < self.min_delta:

@@ -39,7 +39,6 @@ from ..core.method import Controller, PruneTarget, probe_ratios
 from ..core.protocol import SCHEMA_VERSION
 from ..core.pruning import dependency_groups, macs_params, replay_pruning, save_pruned
 from ..core.reference import provenance, resolve
-from ..core.speed import compare_speed
 from ..core.train import evaluate
 from ..errors import GeopruneError, Interrupted
 from .job import JobSpec
@@ -253,7 +252,9 @@ class Pipeline:
 
             plans = protocol.settle_arms(spec.protocol.arms, r_star, final_ratios, budget, channels, cfg, measure_many,
                                          base_macs, base_params)
-            self._done("arms", started, plans={arm: plan.to_dict() for arm, plan in plans.items()})
+            log.info("stage speed: timing the base and the Adaptive GC architecture on a probe actor's device")
+            speed = ray.get(pool.actors[0].speed.remote(final_ratios or 0.0))
+            self._done("arms", started, plans={arm: plan.to_dict() for arm, plan in plans.items()}, speed=speed)
         plans = {arm: protocol.ArmPlan.from_dict(p) for arm, p in self.stage("arms")["plans"].items()}
         if pool is not None:
             pool.shutdown()
@@ -333,16 +334,14 @@ class Pipeline:
             save_pruned(folder / "model", pruned, final["history"], card,
                         extra={"top1": adaptive["top1"], "r_star": ctl.r_star})
             self.run.put_folder(folder / "model", "model")
-        log.info("stage speed: timing base and pruned models on the fine-tune device")
-        speed = ray.get(_speed_task.options(num_cpus=res.scaling.cpus_per_worker,
-                                            num_gpus=res.gpus_per_worker if res.use_gpu else 0).remote(
-            model, pruned, card.input_shape, res.use_gpu))
+        speed = self.stage("arms")["speed"]
         final_ratios = plans["adaptive"].ratios if isinstance(plans["adaptive"].ratios, dict) else {}
         self.run.write_table("sensitivity.parquet", [
             {"group": g.name, "channels": g.channels, "modules": g.modules, "delta_g": sens[g.name],
              "tau_l": budgets[g.name], "ratio": final_ratios.get(g.name, 0.0)} for g in groups])
+        trained = self.stage("baseline")  # the baseline's own final evaluation, when this run trained it
         baseline_top1 = (arms["baseline"]["top1_before_finetune"] if "baseline" in arms
-                         else evaluate(model, test_set)["top1"])
+                         else trained["top1"] if trained else evaluate(model, test_set)["top1"])
         self._done("artifacts", started)
         summary = protocol.summary(card, train_set, test_set, len(calibration.labels), cfg, spec.baseline_config(),
                                    spec.finetune_config(), noise, budget, probes, ctl, channels, plans["adaptive"],
@@ -453,12 +452,6 @@ def _tune_console_quiet():
     return unittest.mock.patch.dict(os.environ, {"RAY_AIR_NEW_OUTPUT": "0"})
 
 
-@ray.remote
-def _speed_task(base: torch.nn.Module, pruned: torch.nn.Module, input_shape, use_gpu: bool) -> dict[str, Any]:
-    """Inference speed of base vs pruned on the device the run fine-tuned on."""
-    return compare_speed(base, pruned, input_shape, "cuda" if use_gpu else "cpu")
-
-
 def wait_for_gpus(timeout_s: float) -> dict[str, float]:
     """Ask the autoscaler for a GPU node (workers that scale from 0) and wait until one has joined."""
     from ray.autoscaler.sdk import request_resources
@@ -520,8 +513,8 @@ def replay_controller(ctl: Controller, steps: list[dict[str, Any]], complete: bo
         row = by_step.get(len(ctl.steps))
         if row is None and not complete:
             break
-        ctl.observe(row["delta_g"] if row else math.inf, macs=row and row["macs"], params=row and row["params"],
-                    trial_id=row and row["trial_id"], failed=row is None)
+        ctl.observe(row["delta_g"] if row else math.inf, log_step=False, macs=row and row["macs"],
+                    params=row and row["params"], trial_id=row and row["trial_id"], failed=row is None)
     return ctl
 
 
