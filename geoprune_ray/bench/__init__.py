@@ -106,7 +106,7 @@ def markdown(result: dict[str, Any]) -> str:
                   f"{overhead:.2f} |" if overhead is not None else "| search overhead | n/a |",
                   f"| peak memory, all processes (PSS, GiB) | {pl['peak_pss_gib']:.2f} |"]
         if pl.get("gpu_busy") is not None:
-            lines.append(f"| GPU busy over the run (NVML, 1 s samples) | {pl['gpu_busy']:.0%} |")
+            lines.append(f"| GPU busy over the run (NVML, 3 s samples) | {pl['gpu_busy']:.0%} |")
         speed, kept = pl.get("speed") or {}, pl.get("macs_ratio")
         if kept:
             lines.append(f"| pruned model's MACs kept (its MACs reduction) | {kept:.3f} ({1 / kept:.2f}×) |")
