@@ -90,7 +90,8 @@ def provenance(device: torch.device) -> dict[str, Any]:
         "package": version("geoprune-ray"), "torch": torch.__version__, "torch_pruning": version("torch-pruning"),
         "ray": version("ray"), "git_commit": commit, "python": platform.python_version(),
         "hardware": {"device": str(device), "platform": platform.platform(), "cpus": os.cpu_count(),
-                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+                     "gpu": torch.cuda.get_device_name(device)
+                     if device.type == "cuda" and torch.cuda.is_available() else None},
     }
 
 

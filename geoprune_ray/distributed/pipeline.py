@@ -55,8 +55,8 @@ STATE = "state.json"
 EXPERIMENT = "controller"
 FINETUNE = "finetune"
 TRIAL_COLUMNS = ["trial_id", "kind", "arm", "step", "r", "delta_g", "accepted", "macs", "params", "ray_train",
-                 "top1", "top1_before_finetune", "delta_g_after", "pid", "actor", "train_device", "started",
-                 "finished"]
+                 "top1", "top1_before_finetune", "delta_g_after", "pid", "actor", "train_device", "train_gpu_ids",
+                 "started", "finished"]
 
 
 def connect(address: Optional[str] = None) -> None:
@@ -346,7 +346,7 @@ class Pipeline:
         summary = protocol.summary(card, train_set, test_set, len(calibration.labels), cfg, spec.baseline_config(),
                                    spec.finetune_config(), noise, budget, probes, ctl, channels, plans["adaptive"],
                                    adaptive, {"top1": baseline_top1, "macs": base_macs, "params": base_params},
-                                   self.timings, provenance(torch.device("cuda" if res.use_gpu else "cpu")))
+                                   self.timings, provenance(torch.device(adaptive.get("train_device") or "cpu")))
         summary["config"]["overrides"] = dict(spec.method)
         summary.update({
             "run_id": self.state["run_id"],
@@ -354,7 +354,9 @@ class Pipeline:
             "resources": {"cluster": {k: v for k, v in res.cluster.items() if k in ("CPU", "GPU", "memory")},
                           "use_gpu": res.use_gpu, "gpus_per_actor": res.gpus_per_actor,
                           "gpus_per_worker": res.gpus_per_worker, "probe_actors": spec.resources.probe_actors,
-                          "workers": res.scaling.workers, "actor_pids": sorted({row["pid"] for row in probes})},
+                          "workers": res.scaling.workers, "actor_pids": sorted({row["pid"] for row in probes}),
+                          "actor_gpu_ids": sorted({",".join(row["gpu_ids"]) for row in probes
+                                                   if row.get("gpu_ids") is not None})},
             "probe_accuracy": ({k: self.stage("probes")[k] for k in ("base_top1", "spearman_delta_g_top1_drop")}
                                if "base_top1" in self.stage("probes") else None),
             "arms": [protocol.arm_row(plans[name], arms[name]) for name in spec.protocol.arms if name in arms],
@@ -422,17 +424,19 @@ class Resources:
 
 def finetune_scaling(res: Resources, arms: int) -> Scaling:
     """The arms' fine-tunes run side by side once the search has given its share back: each takes an equal share of
-    the GPUs (a fraction of one, or whole ones across several), or of a node's CPUs, with as many torch threads as
-    the node's cores allow (so one fine-tune alone uses the whole CPU, as the in-process path does)."""
+    the GPUs (a fraction of one, or whole ones across several) and of a node's CPUs (at most what the spec asks), with,
+    on CPUs, as many torch threads as the node's cores allow (one fine-tune alone uses the whole CPU, as the
+    in-process path does)."""
     s = res.scaling
     concurrent = max(1, arms) * s.workers
-    if s.use_gpu:
-        gpus = res.cluster.get("GPU", 0.0)
-        per_worker = res.gpus_per_worker if res.fixed_gpus_per_worker else min(1.0, gpus / concurrent)
-        return dataclasses.replace(s, gpus_per_worker=per_worker)
     node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
     trial_actors = 0.01 * max(1, arms)  # each fine-tune's Tune trial actor holds a sliver
     cpus = min(s.cpus_per_worker, max(0.01, (node_cpus - trial_actors) / concurrent))
+    if s.use_gpu:
+        gpus = res.cluster.get("GPU", 0.0)
+        per_worker = res.gpus_per_worker if res.fixed_gpus_per_worker else min(1.0, gpus / concurrent)
+        return dataclasses.replace(s, cpus_per_worker=cpus, gpus_per_worker=per_worker,
+                                   threads=max(1, int(s.cpus_per_worker)))
     return dataclasses.replace(s, cpus_per_worker=cpus, threads=max(1, int(node_cpus // concurrent)))
 
 

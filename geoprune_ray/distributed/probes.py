@@ -41,7 +41,7 @@ class ProbeActor:
         # fetched by ``load`` once the baseline exists, so actors start while it trains.
         torch.set_num_threads(threads)
         self.run_id, self.target, self.bn_recalibration = run_id, target, bn_recalibration
-        self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+        self.device = device_for(ray.get_gpu_ids())
         if self.device.type == "cuda":
             torch.zeros(1, device=self.device)
         self.meter: Optional[GeometryMeter] = None
@@ -50,6 +50,7 @@ class ProbeActor:
             warnings.simplefilter("ignore", DeprecationWarning)
             restarted = bool(ctx.was_current_actor_reconstructed)
         self.identity = {"pid": os.getpid(), "node": ctx.get_node_id()[:12], "device": str(self.device),
+                         "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
                          "actor": ctx.get_actor_name() or ctx.get_actor_id()[:12],
                          "restarted": restarted}
 
@@ -177,6 +178,14 @@ class ProbePool:
         if self.holder is not None:
             ray.kill(self.holder)
         self.actors, self.holder = [], None
+
+
+def device_for(gpu_ids: Sequence[Any]) -> torch.device:
+    """The device of a process Ray gave ``gpu_ids``: CUDA where it exists, else the CPU (a cluster that declares GPUs
+    its nodes do not have, e.g. ``ray start --num-gpus`` on a CPU machine, runs on the CPU instead of crashing)."""
+    if gpu_ids and not torch.cuda.is_available():
+        log.warning("Ray assigned GPU %s but CUDA is not available here: running on the CPU", list(gpu_ids))
+    return torch.device("cuda" if gpu_ids and torch.cuda.is_available() else "cpu")
 
 
 def spread(calls: int, actors: int) -> list[int]:

@@ -18,13 +18,14 @@ from torch import nn
 
 from ..core.geometry import Calibration, GeometryMeter
 from ..core.method import PruneTarget, measure
+from .probes import device_for
 
 
 @ray.remote(max_retries=3)
 def sensitivity_chunk(base: nn.Module, calibration: Calibration, target: PruneTarget, bn_recalibration: bool,
                       names: Sequence[str], ratio: float) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
-    device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+    device = device_for(ray.get_gpu_ids())
     meter = GeometryMeter(calibration.to(device), bn_recalibration)
     base = copy.deepcopy(base).to(device)
     meter.set_reference(base)

@@ -25,6 +25,7 @@ from ..core.method import PruneTarget
 from ..core.protocol import finetune_arm
 from ..core.pruning import ModelCard
 from ..core.train import evaluate, train
+from .probes import device_for
 from .progress import post
 
 CHECKPOINT_FILE = "model.pt"
@@ -77,7 +78,9 @@ def train_worker(config: dict) -> None:
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    device = device_for(ray.get_gpu_ids()) if ray.get_gpu_ids() else torch.device("cpu")
+    if device.type == "cuda":
+        device = ray.train.torch.get_device()
     card = ModelCard.from_dict(config["card"])
     model = card.build()
     model.load_state_dict(ray.get(config["state_ref"]))
@@ -91,7 +94,8 @@ def train_worker(config: dict) -> None:
     def report(metrics: dict, final: bool = False) -> None:
         if rank == 0:
             checkpoint, options = _checkpoint(current["model"], current["history"], final)
-            ray.train.report({**metrics, "device": str(device), "worker_entered": entered,
+            ray.train.report({**metrics, "device": str(device), "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+                              "worker_entered": entered,
                               "worker_reported": time.time()}, checkpoint=checkpoint, **options)
         else:
             ray.train.report({**metrics, "device": str(device)})
@@ -130,7 +134,7 @@ def fit(card: ModelCard, state_ref: Any, data_ref: Any, cfg: TrainConfig, scalin
     (pruned, measured and fine-tuned on the worker). Returns the final weights, the pruning history and the last
     metrics."""
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     # Train's controller learns that the workers have finished by polling them (every 2 s by default): an empty
     # launch then ends 4.4 s after its worker did, 0.3 s when polled every 0.1 s (bench: train_launch_cost). Each
@@ -141,6 +145,9 @@ def fit(card: ModelCard, state_ref: Any, data_ref: Any, cfg: TrainConfig, scalin
         train_worker,
         train_loop_config={"card": card.to_dict(), "state_ref": state_ref, "data_ref": data_ref, "arm": arm,
                            "train": cfg.to_dict(), "threads": scaling.torch_threads, "progress": progress},
+        # NCCL only where several GPU workers talk; one worker needs no collectives, and gloo also starts where the
+        # cluster's GPUs are not real CUDA devices (the worker then trains on the CPU).
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu and scaling.workers > 1 else "gloo"),
         scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=_worker_resources(scaling)),
         run_config=RunConfig(name=name, storage_path=storage),

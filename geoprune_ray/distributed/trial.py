@@ -76,4 +76,5 @@ def _finetune(ctx: TrialContext, started: float, arm: str, ratios: Any, r: float
                  "params": metrics["params"], "delta_g": metrics["delta_g"], "ray_train": True,
                  "top1": metrics["top1"], "top1_before_finetune": metrics["top1_before_finetune"],
                  "delta_g_after": metrics["delta_g_after"], "checkpoint_path": metrics["checkpoint_path"],
-                 "train_device": metrics["device"], "pid": os.getpid(), "started": started, "finished": time.time()})
+                 "train_device": metrics["device"], "train_gpu_ids": ",".join(metrics.get("gpu_ids") or []),
+                 "pid": os.getpid(), "started": started, "finished": time.time()})
