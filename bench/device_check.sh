@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine (see ../shared/device/README.md): the GPU tests
-# (tests/test_gpu.py: ΔG on GPU vs CPU, bf16 training, 4 actors sharing one GPU), then the GPU
-# benchmark of `geoprune bench` (training vs a plain loop, data path, probe parts with the actor's
-# GPU memory, 4 probe actors on one GPU, a Ray Train launch, a reduced pipeline with its search
-# overhead and memory), everything under $OUT.
+# One call on the lent GPU machine (see ../shared/device/README.md), everything under $OUT:
+# 1. tests/test_gpu.py: ΔG on GPU vs CPU, bf16 training, a training step in CUDA's sync-debug mode
+#    (no host-device synchronisation inside a step), 4 actors sharing one GPU;
+# 2. issue 12's targets: `geoprune bench --job` of the full-width ResNet-18 on 20,000 Fashion-MNIST
+#    images (10 + 5 epochs): the Ray wall (adaptive arm only) against the same spec in one process
+#    (distribution overhead), all four arms against adaptive only, GPU busy, the stage time line.
+#    With "quick" as the argument it runs issue 5's `geoprune bench --device cuda` instead of 2.
 #
-# Prepare here:  bash ../shared/device/make-wheels.sh          (writes .whl/, git-ignored)
-# Then one device call, carry [".whl"], timeout_s ~300:
+# Prepare here:  bash ../shared/device/make-wheels.sh                      (writes .whl/, git-ignored)
+#                python bench/fashion_subset.py 20000 .data/fashion-20k     (13 MB, git-ignored)
+# Then one device call, carry [".whl", ".data/fashion-20k"], timeout_s ~420:
 #   bash bench/device_check.sh
-# Synthetic data and digits only: Ray's wheels and Fashion-MNIST do not fit in one 64 MiB call.
-# Status (issue 5): not yet run on a GPU (no session so far was lent one).
+# Status (issue 12): not yet run on a GPU (no session of it was lent one).
 set -uo pipefail
 : "${OUT:?OUT must be set (the device tool sets it)}"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || { echo "wheel install failed: run bash ../shared/device/make-wheels.sh first"; exit 1; }
 export PYTHONPATH=/tmp/site:$PWD RAY_AUTH_MODE=disabled PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.csv"
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
-timeout 230 python3 -m geoprune_ray.app.cli bench --output "$OUT/bench" --device cuda 2>&1 | tee "$OUT/bench.log" | tail -40
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+if [ "${1:-}" = quick ]; then
+  timeout 230 python3 -m geoprune_ray.app.cli bench --output "$OUT/bench" --device cuda 2>&1 | tee "$OUT/bench.log" | tail -40
+else
+  [ -d .data/fashion-20k ] || { echo "no .data/fashion-20k: run bench/fashion_subset.py and carry it"; exit 1; }
+  timeout 420 python3 -m geoprune_ray.app.cli bench --job jobs/gpu_fashion_resnet18_20k.yaml --output "$OUT/job" 2>&1 \
+    | tee "$OUT/job.log" | grep -v "probes: " | tail -60
+fi
 echo "exit ${PIPESTATUS[0]}"
