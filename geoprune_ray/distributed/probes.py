@@ -147,8 +147,10 @@ class ProbePool:
         # One copy of each in the object store, read by every actor (and the sensitivity tasks); the driver owns them.
         self.shared = share(base, calibration)
         self.holder = SharedObjects.options(name=holder_name(self.run_id)).remote(self.shared)
-        started = [a.load.remote() for a in self.actors]
-        timeout = max(0.0, self.start_timeout_s - (time.monotonic() - self.started_at))
+        # Placed and started within the start timeout, counted from their creation (a long baseline has used it up
+        # long since the actors started: a running actor answers at once, so a few seconds always remain).
+        started = [a.info.remote() for a in self.actors]
+        timeout = max(min(5.0, self.start_timeout_s), self.start_timeout_s - (time.monotonic() - self.started_at))
         _, pending = ray.wait(started, num_returns=len(started), timeout=timeout)
         if pending:  # Ray would wait for ever for resources that never come free
             spec = self.spec
@@ -160,7 +162,7 @@ class ProbePool:
                                 f"{self.start_timeout_s:g} s: each asks for {spec.cpus_per_actor:g} CPU{gpus}; the "
                                 f"cluster has {have}",
                                 "lower resources.cpus_per_actor or resources.probe_actors, or add nodes")
-        self.identities = ray.get(started)
+        self.identities = ray.get([a.load.remote() for a in self.actors])
         log.info("%d probe actors ready: %s", len(self.actors),
                  ", ".join(f"pid {i['pid']} on {i['device']}" for i in self.identities))
 
