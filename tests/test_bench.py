@@ -62,6 +62,12 @@ def test_bench_job_runs_a_job_with_the_arms_off(ray_cluster, digits_weights, tmp
     assert 0.2 < pl["peak_pss_gib"] < 24  # driver + the session's Ray processes, sampled from /proc
     out = capsys.readouterr().out
     assert "search overhead" in out and "peak memory" in out
+    # The same spec in one process decides the same (one protocol), and the overhead is the ratio of the two walls.
+    local = result["in_process"]
+    assert (local["tau"], local["r_star"]) == pytest.approx((pl["tau"], pl["r_star"]), abs=1e-5)
+    assert result["distribution_overhead"] == pytest.approx(result["ray_wall_s"] / local["wall_s"])
+    assert f"**{result['distribution_overhead']:.2f}×**" in out
+    assert result["all_arms"]["job"]["protocol"]["arms"] == ["adaptive", "uniform"]  # then every arm, memory sampled
     assert 0 < pl["macs_ratio"] < 1 and f"| pruned model's MACs kept (its MACs reduction) | {pl['macs_ratio']:.3f}" in out
     rows = pl["speed"]["rows"]
     assert [r["batch"] for r in rows] == [1, 256]

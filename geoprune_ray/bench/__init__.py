@@ -5,7 +5,8 @@ probe step and its parts with, on a GPU, the probe actor's GPU memory (``core``)
 pool against sequential probes with the same total threads, beside the machine's plain-process
 ceiling (``pool``); the cost of one Ray Train launch and a reduced pipeline's wall time by stage
 with its search overhead, inference speed and peak memory (``pipeline``). ``--job`` runs one job
-spec instead, with the comparison arms off (the quickstart's search overhead and memory).
+spec instead: through Ray with the comparison arms off, against the same spec in one process (the
+distribution overhead), then with every arm it names.
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def markdown(result: dict[str, Any]) -> str:
         overhead = pl["search_overhead"]
         lines += [f"| search overhead: (probes + sensitivity + controller) / final fine-tune | "
                   f"{overhead:.2f} |" if overhead is not None else "| search overhead | n/a |",
-                  f"| peak memory, all processes (PSS, GiB) | {pl['peak_pss_gib']:.2f} |"]
+                  f"| peak memory, all processes (PSS, GiB){' (sampled on the all-arms run)' if 'all_arms' in result else ''}"
+                  f" | {pl['peak_pss_gib']:.2f} |"]
         if pl.get("gpu_busy") is not None:
             lines.append(f"| GPU busy over the run (NVML, 3 s samples) | {pl['gpu_busy']:.0%} |")
         speed, kept = pl.get("speed") or {}, pl.get("macs_ratio")

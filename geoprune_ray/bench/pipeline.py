@@ -65,10 +65,11 @@ class PeakMemory:
     """Samples the summed PSS of this process and all its descendants (an embedded Ray's GCS, raylet,
     workers and actors are all started below the driver) every ``interval`` seconds, and the GPU's
     utilisation where there is one. (Reading every process's smaps costs system time: on 2 cores,
-    sampling every 0.5 s cost the driver 43 s of system time in a 220 s run; every 3 s keeps the
-    bench's own load off the walls it measures, and a run's memory plateaus last far longer.)"""
+    sampling every 0.5 s cost the driver 43 s of system time in a 220 s run, and even every 3 s it
+    slows what it measures; ``pss=False`` samples the GPU alone.)"""
 
-    def __init__(self, interval: float = 3.0):
+    def __init__(self, interval: float = 3.0, pss: bool = True):
+        self.pss = pss
         self.peak = 0
         self.gpu_samples: list[float] = []
         self._stop = threading.Event()
@@ -80,7 +81,8 @@ class PeakMemory:
 
     def _loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            self.peak = max(self.peak, sum(_pss_bytes(p) for p in _tree(os.getpid())))
+            if self.pss:
+                self.peak = max(self.peak, sum(_pss_bytes(p) for p in _tree(os.getpid())))
             busy = _gpu_busy()
             if busy is not None:
                 self.gpu_samples.append(busy)
@@ -130,18 +132,18 @@ def adaptive_only(job: dict[str, Any]) -> dict[str, Any]:
     return {**job, "protocol": {**job.get("protocol", {}), "arms": ["adaptive"]}}
 
 
-def pipeline_split(job: dict[str, Any]) -> dict[str, Any]:
+def pipeline_split(job: dict[str, Any], memory: bool = True) -> dict[str, Any]:
     """Run ``job`` (in this process, on the connected Ray): wall time by stage, the search overhead
-    (probes + sensitivity + controller steps) as a fraction of the final fine-tune, and peak memory."""
+    (probes + sensitivity + controller steps) as a fraction of the final fine-tune, and (``memory``) peak memory."""
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="geoprune-bench-") as storage, PeakMemory() as memory:
+    with tempfile.TemporaryDirectory(prefix="geoprune-bench-") as storage, PeakMemory(pss=memory) as sampler:
         summary = run_job(JobSpec.from_dict(job), str(Path(storage) / "run"))
     t = summary["timings_s"]
     search = t["probes"] + t["sensitivity"] + t.get("step_trials", 0.0)
     finetune = t.get("finetune_trials", 0.0)
     return {"job": job, "wall_s": time.perf_counter() - started, "timings_s": t, "search_s": search,
             "final_finetune_s": finetune, "search_overhead": search / finetune if finetune else None,
-            "peak_pss_gib": memory.peak / 2**30, "gpu_busy": memory.gpu_busy, "r_star": summary["controller"]["r_star"],
+            "peak_pss_gib": sampler.peak / 2**30 if memory else None, "gpu_busy": sampler.gpu_busy, "r_star": summary["controller"]["r_star"],
             "tau": summary["tau"], "baseline_top1": summary["baseline"]["top1"], "top1": summary["pruned"]["top1"],
             "macs_ratio": summary["pruned"]["macs_ratio"], "speed": summary.get("speed"),
             "timeline": summary.get("timeline")}
@@ -168,14 +170,19 @@ def in_process(job: dict[str, Any]) -> dict[str, Any]:
 def job_bench(job: dict[str, Any], ray_startup_s: float) -> dict[str, Any]:
     """``geoprune bench --job``: the Ray pipeline (adaptive arm only, Ray's start-up included) against the same spec
     in one process, their ratio (the distribution overhead), and the pipeline's wall time with every arm the spec
-    names."""
-    pipeline = pipeline_split(adaptive_only(job))
+    names. Reading every process's memory map costs the machine time (on 2 cores it added 15-40 s to a 150 s run), so
+    the two walls that are compared run without the memory sampler; peak memory is sampled on the all-arms run (the
+    run with the most processes), or, for a spec with one arm, on a second adaptive-only run."""
+    all_arms = len(job.get("protocol", {}).get("arms") or ["adaptive"]) > 1
+    pipeline = pipeline_split(adaptive_only(job), memory=False)
     local = in_process(adaptive_only(job))
     result = {"pipeline": pipeline, "in_process": local, "ray_wall_s": ray_startup_s + pipeline["wall_s"],
               "distribution_overhead": (ray_startup_s + pipeline["wall_s"]) / local["wall_s"]}
-    if len(job.get("protocol", {}).get("arms") or ["adaptive"]) > 1:
-        result["all_arms"] = pipeline_split(job)
-        result["all_arms_over_adaptive"] = result["all_arms"]["wall_s"] / pipeline["wall_s"]
+    measured = pipeline_split(job if all_arms else adaptive_only(job))
+    pipeline["peak_pss_gib"] = measured["peak_pss_gib"]
+    if all_arms:
+        result["all_arms"] = measured
+        result["all_arms_over_adaptive"] = measured["wall_s"] / pipeline["wall_s"]
     return result
 
 
