@@ -141,12 +141,8 @@ def _uniform(adaptive: ArmPlan, channels: Mapping[str, int], cfg: MethodConfig, 
              base_macs: int, base_params: int) -> ArmPlan:
     if adaptive.macs >= base_macs:
         return ArmPlan("uniform", 0.0, 0.0, 0.0, base_macs, base_params, match={"gap": 0.0, "adjusted": {}})
-    sizes: dict[str, dict[str, Any]] = {}
-
     def macs_of(ratios: Mapping[str, float] | float) -> float:
-        rec = measure_many([ratios], size_only=True)[0]
-        sizes[repr(ratios)] = rec
-        return rec["macs"]
+        return measure_many([ratios], size_only=True)[0]["macs"]
 
     m = match_macs(adaptive.macs, macs_of, channels, cfg.r_max, round_to=cfg.round_to)
     if not m.within:

@@ -221,10 +221,10 @@ class Pipeline:
         log.info("G_noise = %.4f, τ = %.4f", noise, budget)
 
         # 4. the controller as Tune trials answered by the actors
+        calibration_ref = pool.shared["calibration"] if pool else ray.put(calibration)  # the actors' copy, reused
         ctx = TrialContext(run_id, spec.resources.probe_actors, budget, card.to_dict(),
-                           spec.finetune_config().to_dict(), data_ref, ray.put(model.state_dict()),
-                           ray.put(calibration), target, cfg.bn_recalibration, self.run.uri("train"),
-                           res.scaling, spec.protocol.finetune_all)
+                           spec.finetune_config().to_dict(), data_ref, ray.put(model.state_dict()), calibration_ref,
+                           target, cfg.bn_recalibration, self.run.uri("train"), res.scaling, spec.protocol.finetune_all)
         started = time.time()
         if not self.stage("controller"):
             searcher = RatioSearcher(protocol.new_controller(cfg, probes, budget), budgets, channels, cfg.r_max)
@@ -423,13 +423,17 @@ class Resources:
     fixed_gpus_per_worker: bool = False  # set in the job spec: the fine-tunes keep it
 
 
+def largest_node_cpus() -> float:
+    return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+
+
 def side_by_side(res: Resources, arms: int) -> int:
     """How many fine-tunes run at once: every arm on GPUs; on CPUs at most one per core of the largest node (more
     would only share the same cores, each arm's Tune trial, Train controller and worker costing memory: four at once
     on 2 cores held 11.3 GiB against 7 or so for two)."""
     if res.scaling.use_gpu:
         return max(1, arms)
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    node_cpus = largest_node_cpus()
     return max(1, min(arms, int(node_cpus // res.scaling.workers)))
 
 
@@ -440,7 +444,7 @@ def finetune_scaling(res: Resources, arms: int) -> Scaling:
     in-process path does)."""
     s = res.scaling
     concurrent = max(1, arms) * s.workers
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    node_cpus = largest_node_cpus()
     trial_actors = 0.01 * max(1, arms)  # each fine-tune's Tune trial actor holds a sliver
     cpus = min(s.cpus_per_worker, max(0.01, (node_cpus - trial_actors) / concurrent))
     if s.use_gpu:
