@@ -1,5 +1,7 @@
-"""Several GPUs, shown on this CPU: a Ray started in a subprocess with num_gpus=4 hands out GPU ids that do not exist.
-The run must fall back to the CPU instead of crashing on CUDA, and each arm's fine-tune must get a GPU of its own."""
+"""GPU placement, shown on this CPU: a Ray started in a subprocess with num_gpus=N hands out GPU ids that do not exist.
+The run must fall back to the CPU instead of crashing on CUDA; with four GPUs the probe actors are spread one per GPU
+and each arm's fine-tune gets a GPU of its own; with one GPU the baseline trains beside the probe actors starting on
+the same GPU."""
 
 import json
 import subprocess
@@ -15,26 +17,33 @@ from conftest import pipeline_job
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the fake GPUs would be real ones here")
 
 
-def test_four_declared_gpus_without_cuda(digits_weights, tmp_path):
-    job = pipeline_job(digits_weights, ["adaptive", "baseline", "gc", "uniform"], "digits-4gpus")
-    job["protocol"]["finetune_epochs"] = 1
-    job["resources"]["probe_actors"] = 4
-    storage = tmp_path / "run"
+def _run_with_gpus(job: dict, storage, gpus: int) -> dict:
     script = textwrap.dedent(f"""
         import json, ray
         from geoprune_ray.distributed.job import JobSpec
         from geoprune_ray.distributed.pipeline import run_job
-        ray.init(address="local", num_cpus=2, num_gpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, num_gpus={gpus}, include_dashboard=False, log_to_driver=False)
         run_job(JobSpec.from_dict(json.loads({json.dumps(json.dumps(job))})), {str(storage)!r})
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=480)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((storage / "summary.json").read_text())
-    assert summary["resources"]["use_gpu"] and summary["resources"]["cluster"]["GPU"] == 4
+    assert summary["resources"]["use_gpu"] and summary["resources"]["cluster"]["GPU"] == gpus
+    return summary
+
+
+def test_four_declared_gpus_without_cuda(digits_weights, tmp_path):
+    job = pipeline_job(digits_weights, ["adaptive", "baseline", "gc", "uniform"], "digits-4gpus")
+    job["protocol"]["finetune_epochs"] = 1
+    job["resources"]["probe_actors"] = 4
+    storage = tmp_path / "run"
+    _run_with_gpus(job, storage, 4)
 
     probes = pq.read_table(storage / "probes.parquet").to_pylist()
     assert {p["device"] for p in probes} == {"cpu"}  # Ray gave the actors GPU ids; they ran on the CPU
     assert all(p["gpu_ids"] for p in probes) and len({p["pid"] for p in probes}) == 4
+    by_actor = {p["pid"]: p["gpu_ids"] for p in probes}
+    assert sorted(g for ids in by_actor.values() for g in ids) == ["0", "1", "2", "3"]  # one actor per GPU, not packed
 
     finetunes = [t for t in pq.read_table(storage / "trials.parquet").to_pylist() if t["kind"] == "finetune"]
     assert sorted(t["arm"] for t in finetunes) == ["adaptive", "baseline", "gc", "uniform"]
@@ -43,3 +52,20 @@ def test_four_declared_gpus_without_cuda(digits_weights, tmp_path):
     assert all(g and "," not in g for g in gpus) and len(set(gpus)) == 4  # one whole GPU each, all different
     starts, ends = [t["started"] for t in finetunes], [t["finished"] for t in finetunes]
     assert max(starts) < min(ends)  # the four fine-tunes ran at the same time
+
+
+def test_one_declared_gpu_baseline_beside_the_actors(tmp_path):
+    """The probe actors start on the only GPU while the baseline trains: the baseline asks for what they leave of it
+    (a whole GPU would never come free while they live, and the run would wait for ever)."""
+    job = pipeline_job(None, ["adaptive"], "digits-1gpu")
+    del job["model"]["weights"]
+    job["protocol"].update(baseline_epochs=1, finetune_epochs=1)
+    storage = tmp_path / "run"
+    summary = _run_with_gpus(job, storage, 1)
+    assert summary["resources"]["gpus_per_actor"] == 0.25 and summary["resources"]["gpus_per_worker"] == 0.5
+    state = json.loads((storage / "state.json").read_text())
+    assert "baseline" in state["stages"] and state["stages"]["baseline"]["started"] < state["spans"]["actors"]["finished"]
+    probes = pq.read_table(storage / "probes.parquet").to_pylist()
+    assert {",".join(p["gpu_ids"]) for p in probes} == {"0"}
+    finetune = [t for t in pq.read_table(storage / "trials.parquet").to_pylist() if t["kind"] == "finetune"]
+    assert [t["train_gpu_ids"] for t in finetune] == ["0"]

@@ -16,18 +16,28 @@ def test_a_cpu_baseline_takes_what_is_free():
 
 
 def test_gpu_baselines_of_a_batch_train_side_by_side():
-    gpu = Scaling(1, True, 1.0, 0.25)
+    gpu = Scaling(1, True, 1.0, 1.0)
     # A 4-GPU, 16-CPU workstation: each baseline gets one GPU and its 4 CPUs, so four can train at once.
     first = baseline_scaling(gpu, 16, 16, 4.0)
     assert (first.cpus_per_worker, first.gpus_per_worker) == (4, 1.0)
     assert baseline_scaling(gpu, 16 - 4, 16, 4.0).cpus_per_worker == 4
     assert baseline_scaling(gpu, 16 - 3 * 4, 16, 4.0).cpus_per_worker == 4
     assert baseline_scaling(gpu, 16, 16, 16.0).cpus_per_worker == 16  # one GPU: the whole node
+    # One GPU whose other half the probe actors starting beside it hold: the baseline asks for what they leave (a whole
+    # GPU would never come free while they live).
+    assert baseline_scaling(Scaling(1, True, 1.0, 0.5), 16, 16, 16.0).gpus_per_worker == 0.5
 
 
 def test_probe_actors_leave_gpu_for_fine_tuning():
-    assert gpu_shares(ResourceSpec(), 0) == (0.0, 0.0)
-    assert gpu_shares(ResourceSpec(probe_actors=4), 1) == (0.125, 0.5)  # half the GPU for the actors
-    assert gpu_shares(ResourceSpec(probe_actors=4), 4) == (0.25, 1.0)
+    assert gpu_shares(ResourceSpec(), 0) == (0.0, 0.0, 0.0)
+    assert gpu_shares(ResourceSpec(probe_actors=4), 1) == (0.125, 0.5, 0.125)  # half the GPU for the actors
+    # Several GPUs: a share just over half a GPU, so Ray cannot pack two actors onto one (it places fractions
+    # best-fit: four actors of 0.25 would all land on GPU 0); training takes GPUs without an actor, else the rest of
+    # one; a sensitivity task fits twice in that rest (a task asking for an actor's share would find no GPU with it).
+    assert gpu_shares(ResourceSpec(probe_actors=4), 4) == pytest.approx((0.5312, 0.4688, 0.2344))
+    assert gpu_shares(ResourceSpec(probe_actors=4), 8) == pytest.approx((0.5312, 1.0, 0.2344))
+    per_actor, per_worker, task = gpu_shares(ResourceSpec(probe_actors=4), 2)  # two actors per GPU, not three
+    assert 2 * per_actor < 1 < 3 * per_actor and 0 < per_worker <= 1 - 2 * per_actor and 2 * task <= per_worker
+    assert gpu_shares(ResourceSpec(probe_actors=4, gpus_per_actor=0.25), 4) == (0.25, 1.0, 0.25)  # the spec's kept
     with pytest.raises(GeopruneError, match="leaving none for fine-tuning"):
         gpu_shares(ResourceSpec(probe_actors=4, gpus_per_actor=0.25), 1)

@@ -47,10 +47,10 @@ class ProtocolSpec:
 class ResourceSpec:
     probe_actors: int = 2
     cpus_per_actor: float = 0.25
-    gpus_per_actor: Optional[float] = None  # None: half the cluster's GPUs shared by the actors, ≤ 0.25 each
+    gpus_per_actor: Optional[float] = None  # None: one GPU: ≤ 0.25 each, half of it in all; several: spread, one per GPU
     workers: int = 1  # Ray Train workers per fine-tune (DDP when > 1)
     cpus_per_worker: float = 1.0
-    gpus_per_worker: Optional[float] = None  # None: 1, or what the actors leave of a single GPU
+    gpus_per_worker: Optional[float] = None  # None: 1, or what the actors leave of a GPU they are on
     use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
     sensitivity_tasks: Optional[int] = None  # None: one per 2 groups
     wait_for_gpu_s: float = 0.0  # an autoscaling cluster with GPU workers from 0: ask for one, wait this long

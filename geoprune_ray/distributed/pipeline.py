@@ -27,7 +27,7 @@ import time
 import unittest.mock
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import ray
 import torch
@@ -152,12 +152,12 @@ class Pipeline:
         if use_gpu and gpus == 0:
             raise GeopruneError("resources.use_gpu is true but the Ray cluster has no GPU",
                                 "set use_gpu: false, or run on a cluster with GPUs")
-        gpus_per_actor, gpus_per_worker = gpu_shares(spec.resources, gpus if use_gpu else 0)
-        scaling = Scaling(spec.resources.workers, use_gpu, spec.resources.cpus_per_worker, gpus_per_worker)
+        shares = gpu_shares(spec.resources, gpus if use_gpu else 0)
+        scaling = Scaling(spec.resources.workers, use_gpu, spec.resources.cpus_per_worker, shares.worker)
         model, train_set, test_set, card = self.preflight()
         progress = Progress(self.state["run_id"])
-        res = Resources(cluster, use_gpu, gpus_per_actor, gpus_per_worker, scaling,
-                        spec.resources.gpus_per_worker is not None)
+        res = Resources(cluster, use_gpu, shares.actor, shares.worker, scaling,
+                        spec.resources.gpus_per_worker is not None, shares.task)
         try:
             return self._run(res, model, train_set, test_set, card, progress)
         finally:
@@ -213,7 +213,7 @@ class Pipeline:
 
         # 3. G_noise, probes and sensitivity at the same time → τ, τ_L
         if not self.stage("probes") or not self.stage("sensitivity"):
-            self._search(pool, model, test_set, target, channels, base_macs, progress)
+            self._search(pool, model, test_set, target, channels, base_macs, progress, res.gpus_per_task)
         probes = self.run.read_table("probes.parquet")
         noise, budget = self.stage("probes")["g_noise"], self.stage("probes")["tau"]
         sens = self.stage("sensitivity")["delta_g"]
@@ -283,7 +283,7 @@ class Pipeline:
         return self._artifacts(res, model, train_set, test_set, card, calibration, probes, groups, channels, sens,
                                budgets, noise, budget, ctl, plans, arms, trials, base_macs, base_params)
 
-    def _search(self, pool, model, test_set, target, channels, base_macs, progress) -> None:
+    def _search(self, pool, model, test_set, target, channels, base_macs, progress, task_gpus: float) -> None:
         """G_noise, the probes and the sensitivity tasks, submitted together: they need only the base model and the
         calibration set, so none waits for another."""
         spec, cfg = self.spec, self.cfg
@@ -302,7 +302,7 @@ class Pipeline:
         noise_ref = pool.actors[-1].noise.remote(cfg.noise_splits, cfg.seed)
         probe_refs = pool.submit("measure", args)
         sens_refs = submit_sensitivity(pool.shared, target, cfg.bn_recalibration, list(channels),
-                                       cfg.sensitivity_ratio, chunks, gpus=pool.spec.gpus_per_actor)
+                                       cfg.sensitivity_ratio, chunks, gpus=task_gpus)
         records = progress.gather(probe_refs, "probes", "probes")
         probes_done = time.time()
         sens = by_group(progress.gather(sens_refs, f"sensitivity ({len(channels)} groups)", "tasks"))
@@ -421,6 +421,7 @@ class Resources:
     gpus_per_worker: float
     scaling: Scaling
     fixed_gpus_per_worker: bool = False  # set in the job spec: the fine-tunes keep it
+    gpus_per_task: float = 0.0  # each sensitivity task's, beside the actors
 
 
 def largest_node_cpus() -> float:
@@ -485,8 +486,8 @@ def wait_for_gpus(timeout_s: float) -> dict[str, float]:
 
 
 def whole_nodes(scaling: Scaling, reserved: float = 0.0) -> Scaling:
-    """The baseline's workers: a whole GPU each and the CPUs that go with it, less the CPUs ``reserved`` for the probe
-    actors that start beside it."""
+    """The baseline's workers: a GPU each (``scaling.gpus_per_worker``: a whole one, or what the probe actors starting
+    beside it leave of theirs) and the CPUs that go with it, less the CPUs ``reserved`` for those actors."""
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     return baseline_scaling(scaling, max(0.0, ray.available_resources().get("CPU", 0) - reserved),
                             max((n.get("CPU", 0) for n in nodes), default=1),
@@ -504,21 +505,47 @@ def baseline_scaling(scaling: Scaling, free_cpus: float, node_cpus: float, cpus_
     cpus = max(scaling.cpus_per_worker, cpus)
     # The actors beside it hold a fraction of a CPU each and sit idle while it trains: it runs on every core it
     # holds any part of, as the in-process path does.
-    return Scaling(scaling.workers, scaling.use_gpu, cpus, 1.0 if scaling.use_gpu else 0.0,
-                   threads=max(1, math.ceil(cpus - 1e-9)))
+    gpus = min(1.0, scaling.gpus_per_worker or 1.0) if scaling.use_gpu else 0.0
+    return Scaling(scaling.workers, scaling.use_gpu, cpus, gpus, threads=max(1, math.ceil(cpus - 1e-9)))
 
 
-def gpu_shares(res, gpus: float) -> tuple[float, float]:
-    """GPU per probe actor and per Ray Train worker, so the actors never starve the fine-tunes."""
+SPREAD_MARGIN = 1 / 16  # an actor's share exceeds 1/(k+1) of a GPU by this fraction of it, so k fit on a GPU, not k+1
+
+
+class GpuShares(NamedTuple):
+    actor: float  # each probe actor's
+    worker: float  # each Ray Train worker's while the actors hold theirs (the baseline; ``finetune_all``'s fine-tunes)
+    task: float  # each sensitivity task's, beside the actors
+
+
+def gpu_shares(res, gpus: float) -> GpuShares:
+    """GPU shares of the probe actors, of training while they hold theirs, and of the sensitivity tasks beside them,
+    so the actors never starve the rest.
+
+    Ray places fractional requests best-fit, packing them onto the fullest GPU that fits: four actors of 0.25 each
+    would all land on the first GPU. With several GPUs the actors' shares are therefore sized so that no more than
+    k = ceil(actors / GPUs) fit on one GPU (a share just over 1/(k+1)): one actor per GPU while there are as many GPUs
+    as actors. Training then takes whole GPUs that hold no actor, or else what an actor leaves of its GPU; a
+    sensitivity task takes half of that rest, so two run beside the actors on each GPU. One GPU (or less) is shared as
+    before: the actors together take at most half of it. A share set in the job spec is kept as it is."""
     if not gpus:
-        return 0.0, 0.0
-    per_actor = res.gpus_per_actor if res.gpus_per_actor is not None else min(0.25, gpus / 2 / res.probe_actors)
-    left = gpus - per_actor * res.probe_actors
-    per_worker = res.gpus_per_worker if res.gpus_per_worker is not None else (1.0 if left >= 1 else left)
+        return GpuShares(0.0, 0.0, 0.0)
+    actors = res.probe_actors
+    if res.gpus_per_actor is not None or gpus < 2:
+        per_actor = res.gpus_per_actor if res.gpus_per_actor is not None else min(0.25, gpus / 2 / actors)
+        left = gpus - per_actor * actors
+        default_worker, task = (1.0 if left >= 1 else left), per_actor
+    else:
+        per_gpu = math.ceil(actors / math.floor(gpus))  # actors that must share a GPU
+        per_actor = round((1 + SPREAD_MARGIN) / (per_gpu + 1), 4)
+        rest = math.floor((1 - per_gpu * per_actor) * 1e4) / 1e4  # what actors leave of a GPU they are on
+        free_gpus = math.floor(gpus) - math.ceil(actors / per_gpu)  # GPUs no actor is on
+        default_worker, task = (1.0 if free_gpus >= res.workers else rest), math.floor(rest / 2 * 1e4) / 1e4
+    per_worker = res.gpus_per_worker if res.gpus_per_worker is not None else default_worker
     if per_worker <= 0 or per_worker > gpus:
-        raise GeopruneError(f"the probe actors take {per_actor * res.probe_actors:g} of {gpus:g} GPUs, "
+        raise GeopruneError(f"the probe actors take {per_actor * actors:g} of {gpus:g} GPUs, "
                             f"leaving none for fine-tuning", "lower resources.gpus_per_actor or probe_actors")
-    return per_actor, per_worker
+    return GpuShares(per_actor, per_worker, task)
 
 
 def replay_controller(ctl: Controller, steps: list[dict[str, Any]], complete: bool = True) -> Controller:
