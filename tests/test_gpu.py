@@ -83,3 +83,16 @@ def test_four_probe_actors_share_one_gpu(ray_cluster):
     meter.set_reference(base)
     local = [measure(base, meter, r, target).delta_g for r in (0.1, 0.2, 0.3, 0.4)]
     assert [r["delta_g"] for r in records] == pytest.approx(local, rel=1e-4, abs=1e-6)
+
+
+def test_step_capture_on_gpu_trains_alike():
+    """Step capture (CUDA graphs through torch.compile's reduce-overhead mode, a fused optimizer) learns as the eager
+    step does on the same data; BENCHMARKS.md holds its speed (``geoprune bench``'s ``capture_img_s``)."""
+    model, data, _, _ = _setup(per_class=40)
+    results = {}
+    for capture in (False, True):
+        trained = copy.deepcopy(model)
+        history = train(trained, data, TrainConfig(epochs=3, batch_size=64, lr=0.1, capture=capture), "cuda")
+        results[capture] = (history[-1]["loss"], evaluate(trained, data, "cuda")["top1"])
+    assert results[True][0] == pytest.approx(results[False][0], rel=0.05)  # bf16 autocast on both
+    assert abs(results[True][1] - results[False][1]) < 5

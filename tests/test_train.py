@@ -76,3 +76,24 @@ def test_a_handful_of_steps_trains_with_a_constant_lr(digits, n):
     data = digits[0].subset(torch.arange(n))
     history = train(build_model("convnet", 10, width=0.25), data, TrainConfig(epochs=1, batch_size=64, lr=0.1), "cpu")
     assert len(history) == 1 and history[0]["loss"] > 0
+
+
+def test_step_capture_compiles_the_step_and_trains_alike(digits):
+    """``TrainConfig.capture`` (off by default): the step runs through torch.compile (on a CPU with inductor; CUDA
+    graphs on a GPU, tests/test_gpu.py) and trains as the eager step does. Compiled kernels reorder float sums, so the
+    losses agree closely, not bit for bit."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    data = digits[0].subset(torch.arange(256))
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=0.1)
+    histories = []
+    for capture in (False, True):
+        torch.manual_seed(0)
+        model = build_model("convnet", 10, width=0.25)
+        histories.append(train(model, data, TrainConfig.from_dict({**cfg.to_dict(), "capture": capture}), "cpu"))
+    assert counters["stats"]["unique_graphs"] >= 1  # the captured run went through dynamo
+    eager, captured = ([h["loss"] for h in hist] for hist in histories)
+    assert captured == pytest.approx(eager, rel=1e-3)
+    assert TrainConfig().capture is False

@@ -71,8 +71,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         raise GeopruneError(f"output folder {out} is not empty", "pass another --out, or --overwrite")
     method = _method_config(args.set)
     epochs = args.epochs if args.epochs is not None else (0 if args.weights else 5)
-    baseline = TrainConfig(epochs=epochs, batch_size=args.batch_size, seed=method.seed) if epochs else None
-    ft = finetune_defaults(epochs=args.finetune_epochs, batch_size=args.batch_size, seed=method.seed)
+    baseline = (TrainConfig(epochs=epochs, batch_size=args.batch_size, seed=method.seed, capture=args.step_capture)
+                if epochs else None)
+    ft = finetune_defaults(epochs=args.finetune_epochs, batch_size=args.batch_size, seed=method.seed,
+                           capture=args.step_capture)
     result = adaptive_prune(args.model, args.dataset, args.dataset, method=method, baseline=baseline,
                             finetune_cfg=ft, width=args.width, weights=args.weights, input_size=args.input_size,
                             data_dir=args.data_dir, download=args.download, device=args.device)
@@ -166,8 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model, train_set, test_set, card = resolve(args.model, args.dataset, args.dataset, width=args.width,
                                                input_size=args.input_size, data_dir=args.data_dir,
                                                download=args.download)
-    train(model, train_set, TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
-          args.device)
+    train(model, train_set, TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                        capture=args.step_capture), args.device)
     top1 = evaluate(model, test_set, args.device)["top1"]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -248,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method default (recorded in summary.json), e.g. --set controller=bisect")
+    p.add_argument("--step-capture", action="store_true",
+                   help="compile the training step (CUDA graphs on a GPU; off by default, see BENCHMARKS.md)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_prune)
 
@@ -267,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--step-capture", action="store_true",
+                   help="compile the training step (CUDA graphs on a GPU; off by default, see BENCHMARKS.md)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
 

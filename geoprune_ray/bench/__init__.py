@@ -60,6 +60,13 @@ def markdown(result: dict[str, Any]) -> str:
         for t in core["training"]:
             lines.append(f"| {t['arch']}@{t['width']} | {t['batch']} | {t['plain_img_s']:.1f} | {t['project_img_s']:.1f} | "
                          f"{t['ratio']:.3f} | {t['project_tflops']:.4f} |")
+        if core.get("training_resnet18"):
+            lines += ["", "| resnet18 (10 classes) | batch | plain loop img/s | project img/s | project / plain | "
+                          "step capture img/s | capture / plain |", "|---|---|---|---|---|---|---|"]
+            for t in core["training_resnet18"]:
+                lines.append(f"| {t['arch']}@{t['width']} | {t['batch']} | {t['plain_img_s']:.1f} | "
+                             f"{t['project_img_s']:.1f} | {t['ratio']:.3f} | {t['capture_img_s']:.1f} | "
+                             f"{t['capture_over_plain']:.3f} |")
         d, p = core["data_path"], core["probe"]
         lines += ["", "| figure | value |", "|---|---|",
                   f"| loader alone (img/s) | {d['loader_img_s']:.0f} |",

@@ -70,26 +70,33 @@ def plain_loop(model: nn.Module, data: ImageSet, batch: int, steps: int, device:
     return batch * steps / (time.perf_counter() - start)
 
 
-def project_loop(model: nn.Module, data: ImageSet, batch: int, steps: int, device: torch.device) -> float:
-    """The project's ``core.train.train`` for one epoch of ``steps`` batches (after a 2-batch warm-up): img/s."""
-    warm = data.subset(torch.arange(2 * batch))
-    train(model, warm, TrainConfig(epochs=1, batch_size=batch, lr=0.1), device)
+def project_loop(model: nn.Module, data: ImageSet, batch: int, steps: int, device: torch.device,
+                 capture: bool = False) -> float:
+    """The project's ``core.train.train`` for one epoch of ``steps`` batches (after a warm-up epoch of 2 batches, 4
+    with ``capture``: compiling and recording the graphs): img/s."""
+    cfg = TrainConfig(epochs=1, batch_size=batch, lr=0.1, capture=capture)
+    train(model, data.subset(torch.arange((4 if capture else 2) * batch)), cfg, device)
     part = data.subset(torch.arange(steps * batch))
-    history = train(model, part, TrainConfig(epochs=1, batch_size=batch, lr=0.1), device)
+    history = train(model, part, cfg, device)
     return steps * batch / history[0]["seconds"]
 
 
 def training_throughput(arch: str, width: float, batch: int, steps: int, device: torch.device,
-                        classes: int = 100, size: int = 32) -> dict[str, Any]:
+                        classes: int = 100, size: int = 32, capture: bool = False) -> dict[str, Any]:
     data = synthetic_set(max(steps, 2) * batch, classes, (3, size, size))
     macs, _ = macs_params(build_model(arch, classes, 3, width).eval(), (3, size, size))
     torch.manual_seed(0)
     plain = plain_loop(build_model(arch, classes, 3, width), data, batch, steps, device)
     torch.manual_seed(0)
     project = project_loop(build_model(arch, classes, 3, width), data, batch, steps, device)
-    return {"arch": arch, "width": width, "batch": batch, "steps": steps, "macs": macs,
-            "plain_img_s": plain, "project_img_s": project, "ratio": project / plain,
-            "project_tflops": 6 * macs * project / 1e12, "plain_tflops": 6 * macs * plain / 1e12}
+    out = {"arch": arch, "width": width, "batch": batch, "steps": steps, "macs": macs,
+           "plain_img_s": plain, "project_img_s": project, "ratio": project / plain,
+           "project_tflops": 6 * macs * project / 1e12, "plain_tflops": 6 * macs * plain / 1e12}
+    if capture:  # step capture (TrainConfig.capture) against the plain eager loop
+        torch.manual_seed(0)
+        captured = project_loop(build_model(arch, classes, 3, width), data, batch, steps, device, capture=True)
+        out.update(capture_img_s=captured, capture_over_plain=captured / plain)
+    return out
 
 
 def data_path(batch: int, steps: int, device: torch.device, arch: str = "resnet18", width: float = 0.25,
@@ -154,6 +161,10 @@ def run_core(quick: bool, device: str | None = None) -> dict[str, Any]:
     return {"device": str(dev), "device_name": torch.cuda.get_device_name(dev) if gpu else "cpu",
             "threads": torch.get_num_threads(),
             "training": [training_throughput(a, width, batch, steps, dev) for a in archs],
+            # on a GPU, the loop at batch 256 and 512 with step capture too (CUDA graphs; compiling on a CPU would
+            # take minutes of this bench)
+            "training_resnet18": ([training_throughput("resnet18", width, b, steps, dev, classes=10, capture=True)
+                                   for b in (256, 512)] if gpu else []),
             "data_path": data_path(batch, steps, dev),
             # on a GPU: the paper's ResNet-18 with 5,000 calibration images (the ≤ 2 GiB per actor target)
             "probe": probe_parts("resnet18", width, dev, **({"calib_per_class": 500} if gpu else {}))}

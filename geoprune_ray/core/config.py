@@ -91,6 +91,11 @@ class TrainConfig(_Serializable):
     schedule: Literal["onecycle", "cosine"] = "onecycle"
     augment: bool = True
     seed: int = 0
+    # Compile the fixed-shape step: forward and backward through torch.compile, on CUDA as CUDA graphs
+    # (mode="reduce-overhead": one graph replay a step instead of a launch per kernel, the bound of small images at
+    # batch 256) with a fused optimizer. Off until a GPU measurement shows it faster at the same accuracy
+    # (BENCHMARKS.md); on a CPU it compiles with inductor, which first costs tens of seconds.
+    capture: bool = False
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 0, f"epochs={self.epochs} is negative", "use 0 or more epochs")

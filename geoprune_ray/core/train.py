@@ -78,12 +78,19 @@ def augment(images: Tensor, flip: bool, gen: torch.Generator) -> Tensor:
     return out
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
-                           lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+                           lr=cfg.lr, momentum=cfg.momentum, nesterov=True, fused=fused or None)
+
+
+def capture_step(model: nn.Module, device: torch.device) -> nn.Module:
+    """``TrainConfig.capture``: the model's forward (and, through AOTAutograd, its backward) compiled for the batch's
+    fixed shape; on CUDA replayed as CUDA graphs (``mode="reduce-overhead"``). Augmentation stays eager: it draws from
+    the step's generator. A last, smaller batch compiles once more (``dynamic=False``)."""
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default", dynamic=False)
 
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
@@ -116,6 +123,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, images: Tens
     as device tensors. Nothing in it waits on the host (tests/test_gpu.py checks it in CUDA's sync-debug mode)."""
     if cfg.augment:
         images = augment(images, data.flip, gen)
+    if cfg.capture and device.type == "cuda":
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs were consumed (loss and hits)
     with _autocast(device):
         logits = model(_inputs(images, data, device))
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
@@ -138,8 +147,9 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, device: str | torch
     per_rank = len(data) // world_size
     drop_last = per_rank >= 2 * cfg.batch_size  # avoid a tiny last batch upsetting BN
     steps = (per_rank // cfg.batch_size) if drop_last else math.ceil(per_rank / cfg.batch_size)
-    opt = _optimizer(model, cfg)
+    opt = _optimizer(model, cfg, fused=cfg.capture and device.type == "cuda")
     sched = _scheduler(opt, cfg, max(1, steps * cfg.epochs))
+    step_model = capture_step(model, device) if cfg.capture else model
     resident = (data.images.to(device), data.labels.to(device)) if data.in_memory else None
     history = []
     for epoch in range(cfg.epochs):
@@ -147,7 +157,7 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, device: str | torch
         start, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros((), device=device), torch.zeros((), device=device)
         for images, labels in iterate_batches(data, cfg.batch_size, device, True, cfg.seed + epoch, rank, world_size,
                                               drop_last, resident):
-            loss, hits = train_step(model, opt, sched, images, labels, data, cfg, gen, device)
+            loss, hits = train_step(step_model, opt, sched, images, labels, data, cfg, gen, device)
             loss_sum += loss * len(labels)
             correct += hits
             seen += len(labels)

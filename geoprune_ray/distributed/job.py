@@ -41,6 +41,7 @@ class ProtocolSpec:
     arms: tuple[str, ...] = ARMS
     finetune_all: bool = False  # also fine-tune every accepted controller candidate
     probe_accuracy: bool = False  # also measure each probe's top-1 on the test split (Spearman(ΔG, drop))
+    step_capture: bool = False  # compile the training step (CUDA graphs on a GPU): TrainConfig.capture
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,13 @@ class JobSpec:
 
     def baseline_config(self) -> TrainConfig:
         p = self.protocol
-        return TrainConfig(epochs=p.baseline_epochs, batch_size=p.batch_size, lr=p.lr, seed=self.seed)
+        return TrainConfig(epochs=p.baseline_epochs, batch_size=p.batch_size, lr=p.lr, seed=self.seed,
+                           capture=p.step_capture)
 
     def finetune_config(self) -> TrainConfig:
         p = self.protocol
-        return finetune_defaults(epochs=p.finetune_epochs, batch_size=p.batch_size, lr=p.lr / 10, seed=self.seed)
+        return finetune_defaults(epochs=p.finetune_epochs, batch_size=p.batch_size, lr=p.lr / 10, seed=self.seed,
+                                 capture=p.step_capture)
 
 
 def _build(cls: type, data: Any, where: str):
