@@ -3,7 +3,7 @@
 import pytest
 
 from geoprune_ray.distributed.job import ResourceSpec
-from geoprune_ray.distributed.pipeline import baseline_scaling, gpu_shares
+from geoprune_ray.distributed.pipeline import baseline_scaling, gpu_shares, sensitivity_tasks
 from geoprune_ray.distributed.training import Scaling
 from geoprune_ray.errors import GeopruneError
 
@@ -41,3 +41,11 @@ def test_probe_actors_leave_gpu_for_fine_tuning():
     assert gpu_shares(ResourceSpec(probe_actors=4, gpus_per_actor=0.25), 4) == (0.25, 1.0, 0.25)  # the spec's kept
     with pytest.raises(GeopruneError, match="leaving none for fine-tuning"):
         gpu_shares(ResourceSpec(probe_actors=4, gpus_per_actor=0.25), 1)
+
+
+def test_sensitivity_tasks_fit_the_cores_the_actors_leave():
+    assert sensitivity_tasks(5, 2, gpu=True) == 3  # one per two groups
+    assert sensitivity_tasks(5, 2, gpu=False, node_cpus=2) == 1  # 2 cores, both busy with the actors' probes
+    assert sensitivity_tasks(5, 2, gpu=False, node_cpus=16) == 3
+    assert sensitivity_tasks(12, 4, gpu=False, node_cpus=8) == 4
+    assert sensitivity_tasks(1, 2, gpu=False, node_cpus=64) == 1

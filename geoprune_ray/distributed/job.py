@@ -53,7 +53,7 @@ class ResourceSpec:
     cpus_per_worker: float = 1.0
     gpus_per_worker: Optional[float] = None  # None: 1, or what the actors leave of a GPU they are on
     use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
-    sensitivity_tasks: Optional[int] = None  # None: one per 2 groups
+    sensitivity_tasks: Optional[int] = None  # None: one per 2 groups (on CPUs, ≤ the cores the actors leave)
     wait_for_gpu_s: float = 0.0  # an autoscaling cluster with GPU workers from 0: ask for one, wait this long
 
 

@@ -71,6 +71,11 @@ def connect(address: Optional[str] = None) -> None:
         if address:
             ray.init(address=address, **quiet)
         else:
+            # One machine, no dashboard: Ray Train's preemption watcher (an actor per launch, waiting for nodes to be
+            # drained) and its metrics (exported for a dashboard) have nothing to do. The workers of an embedded Ray
+            # inherit this environment; a user's own setting wins.
+            for name in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED"):
+                os.environ.setdefault(name, "0")
             ray.init(address="local", include_dashboard=False, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise GeopruneError(f"cannot connect to the Ray cluster at {address or 'local'}: {str(exc).splitlines()[0]}",
@@ -289,7 +294,7 @@ class Pipeline:
         spec, cfg = self.spec, self.cfg
         started = time.time()
         ratios = probe_ratios(cfg.probes, cfg.r_probe_max, cfg.seed)
-        chunks = spec.resources.sensitivity_tasks or max(1, math.ceil(len(channels) / 2))
+        chunks = spec.resources.sensitivity_tasks or sensitivity_tasks(len(channels), len(pool.actors), task_gpus > 0)
         log.info("stage search: G_noise, %d probes on %d actors and %d groups' sensitivity in %d Ray tasks, at once",
                  len(ratios), len(pool.actors), len(channels), chunks)
         accuracy = {}
@@ -454,6 +459,17 @@ def finetune_scaling(res: Resources, arms: int) -> Scaling:
         return dataclasses.replace(s, cpus_per_worker=cpus, gpus_per_worker=per_worker,
                                    threads=max(1, int(s.cpus_per_worker)))
     return dataclasses.replace(s, cpus_per_worker=cpus, threads=max(1, int(node_cpus // concurrent)))
+
+
+def sensitivity_tasks(groups: int, actors: int, gpu: bool, node_cpus: Optional[float] = None) -> int:
+    """How many Ray tasks share the sensitivity trials: one per two groups on GPUs; on CPUs no more than the cores the
+    probe actors (a thread each) leave on the largest node, and at least one. Each task is a new process that imports
+    torch and measures G₀ before its first trial: on 2 cores three of them cost more than the work they split."""
+    tasks = max(1, math.ceil(groups / 2))
+    if gpu:
+        return tasks
+    spare = int((largest_node_cpus() if node_cpus is None else node_cpus) - actors)
+    return max(1, min(tasks, spare))
 
 
 def _wall(rows: list[dict[str, Any]]) -> float:
