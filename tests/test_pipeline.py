@@ -85,8 +85,8 @@ def test_interrupted_driver_resumes_without_rerunning_steps(full_run, digits_wei
     with open(log_path, "w") as log:
         first = _driver(job, storage, address, log)
         deadline = time.monotonic() + 240
-        # Interrupted in the fine-tunes' Tune experiment, after the controller's (its steps take milliseconds each):
-        # a few seconds after the stage starts, its trial is launching Ray Train.
+        # Interrupted in the fine-tune, after the controller has stopped (its steps take milliseconds each): a few
+        # seconds after the plans are published, the fine-tune launched beside the steps is training.
         while time.monotonic() < deadline and "stage finetune:" not in log_path.read_text():
             assert first.poll() is None, log_path.read_text()[-3000:]
             time.sleep(0.2)
@@ -102,7 +102,8 @@ def test_interrupted_driver_resumes_without_rerunning_steps(full_run, digits_wei
     steps = pq.read_table(storage / "trials.parquet").to_pandas().query("kind == 'step'")
     assert steps["step"].is_unique  # no controller step ran twice
     assert (steps["started"] < interrupted_at).all()  # every step came from the first driver
-    assert "stage finetune: restoring the Tune experiment" in (tmp_path / "second.log").read_text()
+    # one experiment holds the steps and the fine-tunes: restored, it re-runs only the unfinished fine-tune
+    assert "stage controller: restoring the Tune experiment" in (tmp_path / "second.log").read_text()
     first_log, second_log = log_path.read_text(), (tmp_path / "second.log").read_text()
     assert "probes: 8/8 probes done" in first_log and "sensitivity (5 groups): " in first_log  # live progress
     assert "fine-tune adaptive: epoch 2/2" in second_log and "ETA" in second_log

@@ -5,7 +5,7 @@ import math
 from ray.tune.search import Searcher
 
 from geoprune_ray.core.method import Controller
-from geoprune_ray.distributed.searcher import RatioSearcher
+from geoprune_ray.distributed.searcher import RatioSearcher, on_converged
 
 CHANNELS = {"a": 16, "b": 32}
 BUDGETS = {"a": 2.0, "b": 1.0}
@@ -26,7 +26,7 @@ def test_one_step_at_a_time_then_finished():
     s.on_trial_complete("t0", {"delta_g": 0.05})  # completion after the first result changes nothing
     assert s.suggest("t2")["r"] == 0.225
     s.on_trial_result("t2", {"delta_g": 0.09})  # second switch: converged, r* = 0.225
-    assert s.suggest("t3") == Searcher.FINISHED  # the arms' fine-tunes are the next experiment
+    assert s.suggest("t3") == Searcher.FINISHED  # no arm to fine-tune
     assert s.result.r_star == 0.225
 
 
@@ -49,3 +49,27 @@ def test_save_restore_continues_the_sequence(tmp_path):
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert restored.suggest("t1")["r"] == s.suggest("t1")["r"] == 0.25
     assert restored.result.to_dict() == s.result.to_dict()
+
+
+def test_fine_tunes_launch_beside_the_steps_and_the_rest_after_the_hook():
+    """One fine-tune launches while the controller runs (``prelaunch``); the hook runs once when it stops; then the
+    other arms follow, two at a time (``concurrent``), and FINISHED comes once every arm is handed out."""
+    calls = []
+    on_converged("run1", lambda ctl: calls.append(ctl.r_star))
+    try:
+        s = _searcher(arms=["adaptive", "baseline", "gc"], concurrent=2, prelaunch=1, run_id="run1")
+        assert s.suggest("t0")["kind"] == "step"
+        assert s.suggest("f0") == {"kind": "finetune", "arm": "adaptive"}  # beside the pending step
+        assert s.suggest("f1") is None  # one early fine-tune only
+        s.on_trial_result("t0", {"delta_g": 0.05})
+        assert s.suggest("t1")["kind"] == "step"  # steps keep their turn
+        s.on_trial_result("t1", {"delta_g": 0.2})
+        assert s.suggest("t2")["r"] == 0.225 and not calls
+        s.on_trial_result("t2", {"delta_g": 0.09})  # converged
+        assert s.suggest("f1") == {"kind": "finetune", "arm": "baseline"} and calls == [0.225]
+        assert s.suggest("f2") is None  # two running: adaptive and baseline
+        s.on_trial_complete("f0", {"top1": 90.0})
+        assert s.suggest("f2") == {"kind": "finetune", "arm": "gc"}
+        assert s.suggest("f3") == Searcher.FINISHED and calls == [0.225]  # the hook ran once
+    finally:
+        on_converged("run1", None)

@@ -4,14 +4,16 @@ The steps and the summary are ``core.protocol``'s; this module maps them onto Ra
 starting as soon as its inputs exist:
 - the probe actors start (processes, imports, CUDA contexts) while the baseline trains (Ray Train);
 - G_noise and the probes (actors) and the sensitivity (Ray tasks) run at the same time → τ, τ_L;
-- the controller is a Tune searcher whose steps the actors answer;
-- every arm's ratios are settled on the actors, which are then given back;
-- the arms' fine-tunes run side by side as Tune trials through Ray Train, each measuring its own
-  ΔG and top-1 before and after → ``trials.parquet``, ``model/``, ``summary.json``, ``report.md``.
+- one Tune experiment: the controller is its searcher, whose steps the actors answer; fine-tunes that fit
+  beside the actors launch while it runs and wait for their arm's ratios (Ray Train's start-up overlaps
+  the controller);
+- when it stops, every arm's ratios are settled on the actors and published, and the actors are given back;
+- the arms' fine-tunes run side by side as trials through Ray Train, each measuring its own ΔG and
+  top-1 before and after → ``trials.parquet``, ``model/``, ``summary.json``, ``report.md``.
 
 Each finished stage is recorded in ``state.json`` with its outputs, so a driver that was killed
-resumes from the run directory: finished stages are read back, and a Tune experiment (the
-controller's or the fine-tunes') is restored with ``Tuner.restore``.
+resumes from the run directory: finished stages are read back, and the Tune experiment is restored
+with ``Tuner.restore``.
 """
 
 from __future__ import annotations
@@ -45,23 +47,27 @@ from .job import JobSpec
 from .probes import START_TIMEOUT_S, PoolSpec, ProbePool
 from .progress import Progress
 from .rundir import RunDir
-from .searcher import RatioSearcher
+from .holder import PlanBoard, board_name
+from .searcher import RatioSearcher, on_converged
 from .sensitivity import by_group, submit_sensitivity
 from .training import Scaling, fit, load_checkpoint
-from .trial import TrialContext, finetune_trial, pruning_trial
+from .trial import TrialContext, search_trial
 
 log = logging.getLogger("geoprune_ray")
 STATE = "state.json"
 EXPERIMENT = "controller"
-FINETUNE = "finetune"
 TRIAL_COLUMNS = ["trial_id", "kind", "arm", "step", "r", "delta_g", "accepted", "macs", "params", "ray_train",
                  "top1", "top1_before_finetune", "delta_g_after", "pid", "actor", "train_device", "train_gpu_ids",
-                 "started", "finished"]
+                 "launched", "started", "finished"]
+
+
+_SOLE_DRIVER = [False]  # this driver runs on a Ray of its own (no address): no other run competes for its CPUs
 
 
 def connect(address: Optional[str] = None) -> None:
     """Join ``address`` (or ``$RAY_ADDRESS``), else start an embedded local Ray."""
     address = address or os.environ.get("RAY_ADDRESS")
+    _SOLE_DRIVER[0] = not address
     if address:
         check_gcs_address(address)
     if ray.is_initialized():
@@ -225,68 +231,113 @@ class Pipeline:
         budgets = protocol.group_budgets(budget, sens, noise, cfg)
         log.info("G_noise = %.4f, τ = %.4f", noise, budget)
 
-        # 4. the controller as Tune trials answered by the actors
+        # 4-6. one Tune experiment: the controller's steps (answered by the actors) and the arms' fine-tunes (Ray
+        # Train). Fine-tunes that fit beside the actors are launched while the controller runs and wait for their
+        # arm's ratios; when it stops, the hook settles every arm on the actors, publishes the plans and gives the
+        # actors back, and the other fine-tunes follow on what they held.
         calibration_ref = pool.shared["calibration"] if pool else ray.put(calibration)  # the actors' copy, reused
+        arms_wanted = list(spec.protocol.arms)
+        concurrent = side_by_side(res, len(arms_wanted))
+        arm_scaling = finetune_scaling(res, concurrent)
         ctx = TrialContext(run_id, spec.resources.probe_actors, budget, card.to_dict(),
                            spec.finetune_config().to_dict(), data_ref, ray.put(model.state_dict()), calibration_ref,
-                           target, cfg.bn_recalibration, self.run.uri("train"), res.scaling, spec.protocol.finetune_all)
+                           target, cfg.bn_recalibration, self.run.uri("train"), res.scaling, spec.protocol.finetune_all,
+                           arm_scaling)
+        board = PlanBoard.options(name=board_name(run_id)).remote()
+        if self.stage("arms"):  # a resumed run: its fine-tunes find the plans at once
+            ray.get(board.publish.remote(self.stage("arms")["plans"]))
+        # Early fine-tunes only where this driver is the cluster's only one (an embedded Ray): on a shared cluster
+        # another run's could take the CPUs this run's steps need while they wait for them.
+        early = (prelaunch(res, pool.spec, arm_scaling, concurrent, ray.available_resources().get("CPU", 0.0))
+                 if pool is not None and _SOLE_DRIVER[0] else 0)
         started = time.time()
+        settled: dict[str, Any] = {}
+        hook = self._converged_hook(pool, board, budget, budgets, channels, base_macs, base_params, started,
+                                    arms_wanted, settled)
+        on_converged(run_id, hook)
+        try:
+            if self.stage("controller"):  # recorded when it stopped: a new experiment only hands out fine-tunes
+                controller = replay_controller(protocol.new_controller(cfg, probes, budget),
+                                               self.stage("controller")["trials"])
+            else:
+                controller = protocol.new_controller(cfg, probes, budget)
+            searcher = RatioSearcher(controller, budgets, channels, cfg.r_max, arms=arms_wanted,
+                                     concurrent=concurrent, prelaunch=early, run_id=run_id)
+            rows = self._tune(EXPERIMENT, tune.with_parameters(search_trial, ctx=ctx),
+                              tune.TuneConfig(search_alg=searcher, num_samples=-1,
+                                              max_concurrent_trials=max(8, concurrent + 2), reuse_actors=True),
+                              f"controller steps as Tune trials (τ = {budget:.4f}); {early} of {len(arms_wanted)} "
+                              f"fine-tune(s) launched beside them, waiting for their arm's ratios")
+        finally:
+            on_converged(run_id, None)
+            ray.kill(board)
+        if "error" in settled:
+            raise settled["error"]
+        step_rows = [t for t in rows if t["kind"] == "step"]
         if not self.stage("controller"):
-            searcher = RatioSearcher(protocol.new_controller(cfg, probes, budget), budgets, channels, cfg.r_max)
-            rows = self._tune(EXPERIMENT, tune.with_parameters(pruning_trial, ctx=ctx),
-                              tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=8,
-                                              reuse_actors=True),
-                              f"controller steps as Tune trials (τ = {budget:.4f})")
-            if not replay_controller(protocol.new_controller(cfg, probes, budget),
-                                     [t for t in rows if t["kind"] == "step"], complete=False).done:
-                raise Interrupted("the Tune experiment stopped before the controller converged",
-                                  f"run the same command again to resume from {self.run.location}")
-            self._done("controller", started, trials=rows)
+            raise Interrupted("the Tune experiment stopped before the controller converged",
+                              f"run the same command again to resume from {self.run.location}")
+        if replay_controller(protocol.new_controller(cfg, probes, budget), step_rows, complete=False).done:
+            self.state["stages"]["controller"]["trials"] = step_rows  # with the trials' times and actors
         step_trials = self.stage("controller")["trials"]
         ctl = replay_controller(protocol.new_controller(cfg, probes, budget),
                                 [t for t in step_trials if t["kind"] == "step"])
-        r_star = protocol.r_star_of(ctl)
-        final_ratios = protocol.final_ratios(r_star, budgets, channels, cfg)
-        log.info("r* = %.4f after %d controller steps (%s)", r_star, len(ctl.steps), ctl.stop_reason)
-
-        # 5. every arm's ratios, settled while the actors still hold their share; then they are given back
-        started = time.time()
-        if not self.stage("arms"):
-            def measure_many(ratios_list, size_only: bool = False) -> list[dict[str, Any]]:
-                return pool.map("size" if size_only else "measure", [(r,) for r in ratios_list])
-
-            plans = protocol.settle_arms(spec.protocol.arms, r_star, final_ratios, budget, channels, cfg, measure_many,
-                                         base_macs, base_params)
-            log.info("stage speed: timing the base and the Adaptive GC architecture on a probe actor's device")
-            speed = ray.get(pool.actors[0].speed.remote(final_ratios or 0.0))
-            self._done("arms", started, plans={arm: plan.to_dict() for arm, plan in plans.items()}, speed=speed)
         plans = {arm: protocol.ArmPlan.from_dict(p) for arm, p in self.stage("arms")["plans"].items()}
-        if pool is not None:
-            pool.shutdown()
-            self._span("search_resources_returned", time.time(), time.time())
-
-        # 6. the arms' fine-tunes side by side, on what the search gave back
-        started = time.time()
-        concurrent = side_by_side(res, len(plans))
-        ft_ctx = dataclasses.replace(ctx, scaling=finetune_scaling(res, concurrent),
-                                     plans={arm: plan.to_dict() for arm, plan in plans.items()})
-        ft_rows = self._tune(FINETUNE, tune.with_parameters(finetune_trial, ctx=ft_ctx),
-                             tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrent),
-                             f"{len(plans)} fine-tune(s) side by side: {', '.join(plans)}",
-                             param_space={"kind": "finetune", "arm": tune.grid_search(list(plans))})
-        arms = {t["arm"]: t for t in ft_rows if t.get("ray_train")}
+        arms = {t["arm"]: t for t in rows if t["kind"] == "finetune" and t.get("ray_train")}
         missing = [arm for arm in plans if arm not in arms]
         if missing:
             raise Interrupted(f"the Tune experiment stopped before the {', '.join(missing)} fine-tune(s) finished",
                               f"run the same command again to resume from {self.run.location}")
-        self._done("finetune", started)
-        trials = [*step_trials, *(t for t in ft_rows if t.get("ray_train"))]
-        if any(t["kind"] == "finetune" for t in step_trials):
-            self.timings["step_finetunes"] = _wall([t for t in step_trials if t["kind"] == "finetune"])
+        self._done("finetune", settled.get("published", started))
+        trials = [*step_trials, *arms.values()]
+        if any(t.get("ray_train") for t in rows if t["kind"] == "step"):
+            self.timings["step_finetunes"] = _wall([t for t in rows if t["kind"] == "step" and t.get("ray_train")])
         self.timings["step_trials"] = _wall([t for t in step_trials if t["kind"] == "step"])
         self.timings["finetune_trials"] = _wall(list(arms.values()))
         return self._artifacts(res, model, train_set, test_set, card, calibration, probes, groups, channels, sens,
                                budgets, noise, budget, ctl, plans, arms, trials, base_macs, base_params)
+
+    def _converged_hook(self, pool, board, budget, budgets, channels, base_macs, base_params, started, arms_wanted,
+                        settled: dict):
+        """What the searcher calls (in this driver, from Tune's loop) once the controller has stopped: record it,
+        settle every arm's ratios on the actors and time the speed there, publish the plans to the waiting
+        fine-tunes, and give the actors back. An error is kept in ``settled`` (the fine-tunes fail on the board) and
+        raised once the experiment has ended."""
+        cfg = self.cfg
+
+        def hook(ctl: Controller) -> None:
+            try:
+                if not self.stage("controller"):
+                    self._done("controller", started, trials=[
+                        {"trial_id": s.get("trial_id"), "kind": "step", "arm": "step", "step": s["step"], "r": s["r"],
+                         "delta_g": s["delta_g"], "accepted": s["accepted"], "macs": s.get("macs"),
+                         "params": s.get("params"), "pid": s.get("pid")} for s in ctl.steps if s.get("measured")])
+                if not self.stage("arms"):
+                    r_star = protocol.r_star_of(ctl)
+                    final_ratios = protocol.final_ratios(r_star, budgets, channels, cfg)
+                    log.info("r* = %.4f after %d controller steps (%s)", r_star, len(ctl.steps), ctl.stop_reason)
+                    arms_started = time.time()
+
+                    def measure_many(ratios_list, size_only: bool = False) -> list[dict[str, Any]]:
+                        return pool.map("size" if size_only else "measure", [(r,) for r in ratios_list])
+
+                    plans = protocol.settle_arms(arms_wanted, r_star, final_ratios, budget, channels, cfg,
+                                                 measure_many, base_macs, base_params)
+                    log.info("stage speed: timing the base and the Adaptive GC architecture on a probe actor's device")
+                    speed = ray.get(pool.actors[0].speed.remote(final_ratios or 0.0))
+                    self._done("arms", arms_started, plans={arm: plan.to_dict() for arm, plan in plans.items()},
+                               speed=speed)
+                ray.get(board.publish.remote(self.stage("arms")["plans"]))
+                settled["published"] = time.time()
+                log.info("stage finetune: %d fine-tune(s) side by side: %s", len(arms_wanted), ", ".join(arms_wanted))
+                if pool is not None:
+                    pool.shutdown()
+                    self._span("search_resources_returned", time.time(), time.time())
+            except Exception as exc:  # noqa: BLE001 - raised by the driver once Tune has stopped
+                settled["error"] = exc
+                board.publish.remote({}, f"settling the arms failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+
+        return hook
 
     def _search(self, pool, model, test_set, target, channels, base_macs, progress, task_gpus: float) -> None:
         """G_noise, the probes and the sensitivity tasks, submitted together: they need only the base model and the
@@ -384,6 +435,9 @@ class Pipeline:
             if t.get("started") and t.get("finished"):
                 label = f"step {t['step']}" if t["kind"] == "step" else f"fine-tune {t['arm']}"
                 rows.append({"stage": label, "start": t["started"] - t0, "end": t["finished"] - t0})
+                if t.get("launched") and t["launched"] < t["started"]:  # launched early, waited for its ratios
+                    rows.append({"stage": f"{label}: launch, wait for ratios", "start": t["launched"] - t0,
+                                 "end": t["started"] - t0})
         return sorted(rows, key=lambda r: (r["start"], r["end"]))
 
     def _tune(self, name: str, trainable, tune_config: "tune.TuneConfig", what: str,
@@ -470,6 +524,24 @@ def sensitivity_tasks(groups: int, actors: int, gpu: bool, node_cpus: Optional[f
         return tasks
     spare = int((largest_node_cpus() if node_cpus is None else node_cpus) - actors)
     return max(1, min(tasks, spare))
+
+
+def prelaunch(res: "Resources", pool: PoolSpec, arm: Scaling, concurrent: int, free_cpus: float) -> int:
+    """How many fine-tunes launch while the controller runs, beside the probe actors (they then wait for their arm's
+    ratios): as many as fit in the CPUs free now, keeping a quarter CPU for the controller's step trials (a sliver
+    each), so a waiting fine-tune can never starve the steps it waits for. On GPUs only where a fine-tune's share
+    fits for sure: whole GPUs no actor is on, or the rest of the only GPU."""
+    fits = int(max(0.0, free_cpus - 0.25) // (arm.cpus_per_worker * arm.workers + 0.01))
+    if arm.use_gpu:
+        gpus = res.cluster.get("GPU", 0.0)
+        if gpus < 2:
+            rest = gpus - pool.actors * pool.gpus_per_actor
+            fits = min(fits, int(rest // (arm.gpus_per_worker * arm.workers + 1e-9)) if arm.gpus_per_worker else 0)
+        else:
+            per_gpu = max(1, math.floor(1 / pool.gpus_per_actor)) if pool.gpus_per_actor else 1
+            free_gpus = math.floor(gpus) - math.ceil(pool.actors / per_gpu)
+            fits = min(fits, (free_gpus // arm.workers) if arm.gpus_per_worker >= 1 else 0)
+    return max(0, min(concurrent, fits))
 
 
 def _wall(rows: list[dict[str, Any]]) -> float:

@@ -1,12 +1,16 @@
-"""The r controller (METHOD.md §6) as a Ray Tune ``Searcher``.
+"""The r controller (METHOD.md §6) as a Ray Tune ``Searcher``, and the arms' fine-tunes in the same experiment.
 
 ``suggest`` hands out one controller step at a time (``None`` while a step's ΔG is pending);
 ``on_trial_result`` consumes a trial's first reported ΔG, so the next step starts without
-waiting for anything else that trial does. Once the controller has stopped, it returns
-``Searcher.FINISHED``: the arms' fine-tunes are a separate experiment that starts after the probe
-actors are given back. (With the job option ``finetune_all`` each accepted step trial fine-tunes
-itself after reporting its ΔG, while the controller moves on.) Its state is plain data, so
-``save``/``restore`` let ``Tuner.restore`` continue the sequence where it stopped.
+waiting for anything else that trial does. Beside the steps it hands out the arms' fine-tune
+trials: ``prelaunch`` of them while the controller runs (their Ray Train workers start, load the
+model, the data and the calibration set, then wait for their arm's ratios on the run's
+``PlanBoard``), the rest once it has stopped, ``concurrent`` at a time. When the controller stops,
+the driver's hook (registered with ``on_converged`` under the run's id) settles every arm on the
+probe actors and publishes the plans; the searcher returns ``Searcher.FINISHED`` once every arm's
+fine-tune has been handed out. (With the job option ``finetune_all`` each accepted step trial
+fine-tunes itself after reporting its ΔG, while the controller moves on.) Its state is plain data,
+so ``save``/``restore`` let ``Tuner.restore`` continue where it stopped.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ray.tune.search import Searcher
 
@@ -22,21 +26,40 @@ from ..core.method import Controller, allocate
 
 log = logging.getLogger("geoprune_ray")
 
+# run id → the driver's hook, called (in the driver, from Tune's loop) once the controller has stopped. A module-level
+# registry, not an attribute: the searcher is pickled with the experiment, and a restored one finds the new driver's.
+_CONVERGED: dict[str, Callable[[Controller], None]] = {}
+
+
+def on_converged(run_id: str, hook: Optional[Callable[[Controller], None]]) -> None:
+    """Register (or, with None, drop) the hook of ``run_id``."""
+    if hook is None:
+        _CONVERGED.pop(run_id, None)
+    else:
+        _CONVERGED[run_id] = hook
+
 
 class RatioSearcher(Searcher):
-    """Drives the r controller through Tune trials."""
+    """Drives the r controller through Tune trials, then the arms' fine-tunes."""
 
     def __init__(self, controller: Optional[Controller] = None, budgets: Optional[Mapping[str, float]] = None,
                  channels: Optional[Mapping[str, int]] = None, r_max: float = 0.9, max_failures: int = 2,
-                 metric: str = "delta_g", mode: str = "min"):
+                 metric: str = "delta_g", mode: str = "min", arms: Sequence[str] = (), concurrent: int = 1,
+                 prelaunch: int = 0, run_id: Optional[str] = None):
         super().__init__(metric=metric, mode=mode)
         self.controller = controller.to_dict() if controller else None
         self.budgets = dict(budgets or {})
         self.channels = dict(channels or {})
         self.r_max = r_max
         self.max_failures = max_failures
+        self.arms = list(arms)  # fine-tunes to hand out, in this order
+        self.concurrent = max(1, concurrent)  # fine-tunes at once once the controller has stopped
+        self.prelaunch = max(0, min(prelaunch, self.concurrent))  # … and while it runs
+        self.run_id = run_id
+        self.notified = False  # the driver's hook has run (the plans are published)
         self.trials: dict[str, dict[str, Any]] = {}  # trial id → the config it was given
         self.observed: set[str] = set()
+        self.finished: set[str] = set()  # fine-tune trials that ended
         self.failures: dict[float, int] = {}
 
     # -- helpers
@@ -50,16 +73,40 @@ class RatioSearcher(Searcher):
         return {"kind": "step", "arm": "step", "r": r, "step": step,
                 "ratios": allocate(r, self.budgets, self.channels, self.r_max)}
 
+    def _finetunes(self) -> list[str]:
+        return [tid for tid, cfg in self.trials.items() if cfg["kind"] == "finetune"]
+
+    def _next_finetune(self, trial_id: str) -> Optional[dict[str, Any]]:
+        launched = self._finetunes()
+        running = [tid for tid in launched if tid not in self.finished]
+        slots = self.concurrent if self.notified else self.prelaunch
+        if len(launched) >= len(self.arms) or len(running) >= slots:
+            return None
+        cfg = {"kind": "finetune", "arm": self.arms[len(launched)]}
+        self.trials[trial_id] = cfg
+        return cfg
+
+    def _notify(self, ctl: Controller) -> None:
+        hook = _CONVERGED.get(self.run_id) if self.run_id else None
+        if hook is not None:
+            hook(ctl)
+        self.notified = True
+
     # -- the Searcher contract
     def suggest(self, trial_id: str) -> Optional[dict[str, Any] | str]:
         ctl = self._ctl()
         if ctl.done:
-            return Searcher.FINISHED
-        if self._waiting():
-            return None
-        cfg = self._step_config(ctl.propose(), len(ctl.steps))
-        self.trials[trial_id] = cfg
-        return cfg
+            if not self.notified:
+                self._notify(ctl)
+            cfg = self._next_finetune(trial_id)
+            if cfg is None and len(self._finetunes()) >= len(self.arms):
+                return Searcher.FINISHED
+            return cfg
+        if not self._waiting():
+            cfg = self._step_config(ctl.propose(), len(ctl.steps))
+            self.trials[trial_id] = cfg
+            return cfg
+        return self._next_finetune(trial_id)  # a fine-tune launched early, beside the pending step
 
     def _observe(self, trial_id: str, delta_g: float, **extra: Any) -> None:
         ctl = self._ctl()
@@ -78,6 +125,9 @@ class RatioSearcher(Searcher):
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
         cfg = self.trials.get(trial_id)
+        if cfg and cfg["kind"] == "finetune":
+            self.finished.add(trial_id)  # its slot is free (a failed one shows in the results)
+            return
         if not cfg or cfg["kind"] != "step" or trial_id in self.observed:
             return
         if result and "delta_g" in result and not error:

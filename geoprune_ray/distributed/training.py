@@ -47,12 +47,15 @@ class Scaling:
 @dataclass(frozen=True)
 class ArmJob:
     """What a fine-tune worker needs besides the base weights and the data: the arm's pruning and the
-    calibration set, to measure ΔG before and after fine-tuning where the model already is."""
+    calibration set, to measure ΔG before and after fine-tuning where the model already is. Without ``ratios`` the
+    worker waits for its arm's plan on the run's plan board (``board``, ``arm``) once it has loaded everything."""
 
-    ratios: Any  # per-group dict, or one float
+    ratios: Any  # per-group dict, or one float; None: from the board
     calibration_ref: Any  # ObjectRef of the Calibration
     target: PruneTarget
     bn_recalibration: bool = True
+    board: Optional[str] = None  # the PlanBoard's actor name
+    arm: Optional[str] = None
 
 
 def _checkpoint(model: torch.nn.Module, history: list, final: bool) -> tuple[Any, dict]:
@@ -88,7 +91,7 @@ def train_worker(config: dict) -> None:
     model.to(device)
     cfg = TrainConfig.from_dict(config["train"])
     run_id, label = config.get("progress") or (None, None)
-    started = time.time()
+    clock = {"started": time.time()}  # the ETA's start: a waiting fine-tune's plan arrival
     current: dict[str, Any] = {"model": model, "history": []}  # what each epoch's checkpoint holds
 
     def report(metrics: dict, final: bool = False) -> None:
@@ -103,7 +106,7 @@ def train_worker(config: dict) -> None:
     def on_epoch(epoch: int, metrics: dict) -> None:
         if rank == 0:
             post(run_id, kind="epoch", label=label, epoch=epoch, epochs=cfg.epochs, loss=metrics["loss"],
-                 started=started)
+                 started=clock["started"])
         report({**metrics, "top1": float("nan")})
 
     wrap = (lambda m: ray.train.torch.prepare_model(m)) if world > 1 else (lambda m: m)
@@ -114,10 +117,16 @@ def train_worker(config: dict) -> None:
         return
     meter = GeometryMeter(ray.get(job.calibration_ref).to(device), job.bn_recalibration)
     meter.set_reference(model)
-    _, _, result = finetune_arm(model, job.ratios, meter, job.target, train_set, test_set, cfg, device, wrap=wrap,
+    ratios, plan = job.ratios, {}
+    if ratios is None:  # launched while the controller ran: everything is loaded, now the arm's ratios
+        plan = ray.get(ray.get_actor(job.board).plan.remote(job.arm))
+        ratios = plan["ratios"]
+    clock["started"] = time.time()
+    _, _, result = finetune_arm(model, ratios, meter, job.target, train_set, test_set, cfg, device, wrap=wrap,
                                 on_epoch=on_epoch, rank=rank, world_size=world,
                                 on_pruned=lambda pruned, history: current.update(model=pruned, history=history))
-    report({"epoch": cfg.epochs, **result.to_dict()}, final=True)
+    report({"epoch": cfg.epochs, **result.to_dict(), **({"r": plan["r"]} if plan else {}),
+            "plan_received": clock["started"]}, final=True)
 
 
 def _worker_resources(scaling: Scaling) -> dict[str, float]:

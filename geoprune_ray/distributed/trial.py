@@ -1,11 +1,13 @@
-"""Tune trials: controller steps answered by the probe actors, fine-tunes through Ray Train.
+"""Tune trials of the one experiment: controller steps answered by the probe actors, the arms' fine-tunes through Ray
+Train.
 
 A controller step asks one resident probe actor to prune with the allocation, recalibrate and
 measure ΔG, and reports at once: no model reload and no Ray Train launch. A fine-tune trial runs
-one arm whose ratios the driver settled before the probe actors were given back: it launches a
-``TorchTrainer`` inside the trial (DDP across workers), whose worker prunes the base, measures ΔG
-and top-1 before, fine-tunes, and measures again. Fine-tune trials need no actor, so the arms run
-side by side on what the search gave back.
+one arm: it launches a ``TorchTrainer`` inside the trial (DDP across workers), whose worker loads
+the base model, the data and the calibration set, waits for its arm's ratios on the run's
+``PlanBoard`` (a fine-tune handed out while the controller runs waits there until the driver has
+settled the arms), then prunes, measures ΔG and top-1 before, fine-tunes, and measures again.
+Fine-tune trials need no actor, so the arms run side by side on what the search gave back.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ray import tune
 from ..core.config import TrainConfig
 from ..core.method import PruneTarget
 from ..core.pruning import ModelCard
+from .holder import board_name
 from .probes import actor_name
 from .training import ArmJob, Scaling, fit
 
@@ -40,13 +43,21 @@ class TrialContext:
     target: PruneTarget
     bn_recalibration: bool
     train_storage: str
-    scaling: Scaling = Scaling()
+    scaling: Scaling = Scaling()  # a step's own fine-tune (finetune_all), beside the actors
     finetune_all: bool = False
-    plans: Optional[dict] = None  # arm → ArmPlan dict, for the fine-tune experiment
+    arm_scaling: Optional[Scaling] = None  # an arm's fine-tune (default: ``scaling``)
+
+
+def search_trial(config: dict, ctx: TrialContext) -> None:
+    """The experiment's Tune function trainable: a controller step or an arm's fine-tune, by ``config["kind"]``."""
+    if config["kind"] == "finetune":
+        finetune_trial(config, ctx)
+    else:
+        pruning_trial(config, ctx)
 
 
 def pruning_trial(config: dict, ctx: TrialContext) -> None:
-    """The Tune function trainable for every controller step the ``RatioSearcher`` suggests."""
+    """A controller step the ``RatioSearcher`` suggested."""
     started = time.time()
     actor = ray.get_actor(actor_name(ctx.run_id, config["step"] % ctx.actors))
     rec = ray.get(actor.measure.remote(config["ratios"]))
@@ -56,25 +67,27 @@ def pruning_trial(config: dict, ctx: TrialContext) -> None:
                  "pid": rec["pid"], "actor": rec["actor"], "ray_train": False, "started": started,
                  "finished": time.time()})
     if ctx.finetune_all and accepted:
-        _finetune(ctx, started, "adaptive", config["ratios"], config["r"], step=config["step"])
+        _finetune(ctx, started, "adaptive", ArmJob(config["ratios"], ctx.calibration_ref, ctx.target,
+                                                   ctx.bn_recalibration), ctx.scaling, step=config["step"], r=config["r"])
 
 
 def finetune_trial(config: dict, ctx: TrialContext) -> None:
-    """The Tune function trainable of one arm's fine-tune (the ``finetune`` experiment)."""
-    plan = ctx.plans[config["arm"]]
-    _finetune(ctx, time.time(), config["arm"], plan["ratios"], plan["r"])
+    """One arm's fine-tune; its ratios come from the run's plan board."""
+    arm = config["arm"]
+    job = ArmJob(None, ctx.calibration_ref, ctx.target, ctx.bn_recalibration, board=board_name(ctx.run_id), arm=arm)
+    _finetune(ctx, time.time(), arm, job, ctx.arm_scaling or ctx.scaling)
 
 
-def _finetune(ctx: TrialContext, started: float, arm: str, ratios: Any, r: float,
-              step: Optional[int] = None) -> None:
+def _finetune(ctx: TrialContext, started: float, arm: str, job: ArmJob, scaling: Scaling,
+              step: Optional[int] = None, r: Optional[float] = None) -> None:
     label = f"fine-tune {arm}" + (f" step {step}" if step is not None else "")
+    name = f"finetune-{arm}" + (f"-step{step}" if step is not None else "") + f"-{os.getpid()}-{time.time_ns() % 10**6}"
     _, _, metrics = fit(ModelCard.from_dict(ctx.card), ctx.state_ref, ctx.data_ref, TrainConfig.from_dict(ctx.finetune),
-                        ctx.scaling, ctx.train_storage, name=f"finetune-{arm}-{r:.4f}-{os.getpid()}",
-                        arm=ArmJob(ratios, ctx.calibration_ref, ctx.target, ctx.bn_recalibration),
-                        progress=(ctx.run_id, label))
-    tune.report({"kind": "finetune", "arm": arm, "step": step, "r": r, "macs": metrics["macs"],
+                        scaling, ctx.train_storage, name=name, arm=job, progress=(ctx.run_id, label))
+    tune.report({"kind": "finetune", "arm": arm, "step": step, "r": metrics.get("r", r), "macs": metrics["macs"],
                  "params": metrics["params"], "delta_g": metrics["delta_g"], "ray_train": True,
                  "top1": metrics["top1"], "top1_before_finetune": metrics["top1_before_finetune"],
                  "delta_g_after": metrics["delta_g_after"], "checkpoint_path": metrics["checkpoint_path"],
                  "train_device": metrics["device"], "train_gpu_ids": ",".join(metrics.get("gpu_ids") or []),
-                 "pid": os.getpid(), "started": started, "finished": time.time()})
+                 "pid": os.getpid(), "launched": started, "started": metrics.get("plan_received", started),
+                 "finished": time.time()})
