@@ -21,36 +21,45 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
-def time_model(model: nn.Module, input_shape: Sequence[int], batch: int, device: torch.device,
-               min_repeats: int = 5, max_repeats: int = 50, budget_s: float = 2.0) -> dict[str, Any]:
-    """Median latency (ms) and throughput (img/s) of ``model`` at ``batch``: ≥ ``min_repeats`` timings,
-    more while under ``budget_s`` seconds, after 2 warm-up passes."""
-    model = model.to(device).eval()
-    x = torch.randn(batch, *input_shape, device=device)
-    for _ in range(2):
-        model(x)
+def _once(model: nn.Module, x: torch.Tensor, device: torch.device) -> float:
+    t0 = time.perf_counter()
+    model(x)
     sync(device)
-    times: list[float] = []
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def time_models(models: Sequence[nn.Module], input_shape: Sequence[int], batch: int, device: torch.device,
+                min_repeats: int = 5, max_repeats: int = 50, budget_s: float = 2.0) -> list[dict[str, Any]]:
+    """Median latency (ms) and throughput (img/s) of each model at ``batch``, timed in turns (one pass of each per
+    round, after 2 warm-up passes each): ≥ ``min_repeats`` rounds, more while under ``budget_s`` seconds. Taking turns,
+    a load that comes and goes on the machine (another process starting) slows every model alike."""
+    models = [m.to(device).eval() for m in models]
+    x = torch.randn(batch, *input_shape, device=device)
+    for model in models:
+        for _ in range(2):
+            model(x)
+    sync(device)
+    times: list[list[float]] = [[] for _ in models]
     started = time.perf_counter()
-    while len(times) < min_repeats or (len(times) < max_repeats and time.perf_counter() - started < budget_s):
-        t0 = time.perf_counter()
-        model(x)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return {"batch": batch, "latency_ms": median * 1e3, "throughput": batch / median, "repeats": len(times),
-            "spread_ms": (max(times) - min(times)) * 1e3}
+    while len(times[0]) < min_repeats or (len(times[0]) < max_repeats and time.perf_counter() - started < budget_s):
+        for model, taken in zip(models, times):
+            taken.append(_once(model, x, device))
+    out = []
+    for taken in times:
+        median = statistics.median(taken)
+        out.append({"batch": batch, "latency_ms": median * 1e3, "throughput": batch / median, "repeats": len(taken),
+                    "spread_ms": (max(taken) - min(taken)) * 1e3})
+    return out
 
 
 def compare_speed(base: nn.Module, pruned: nn.Module, input_shape: Sequence[int], device: str | torch.device,
                   batches: Sequence[int] = BATCHES, budget_s: float = 2.0) -> dict[str, Any]:
-    """Base vs pruned, batch by batch, interleaved so that drift in the machine hits both alike."""
+    """Base vs pruned, batch by batch, their passes taking turns so that drift in the machine hits both alike."""
     device = torch.device(device)
     rows = []
     for batch in batches:
-        b = time_model(base, input_shape, batch, device, budget_s=budget_s)
-        p = time_model(pruned, input_shape, batch, device, budget_s=budget_s)
+        b, p = time_models([base, pruned], input_shape, batch, device, budget_s=2 * budget_s)
         rows.append({"batch": batch, "base_latency_ms": b["latency_ms"], "pruned_latency_ms": p["latency_ms"],
                      "base_throughput": b["throughput"], "pruned_throughput": p["throughput"],
                      "speedup": b["latency_ms"] / p["latency_ms"], "repeats": min(b["repeats"], p["repeats"])})
