@@ -68,6 +68,10 @@ def test_bench_job_runs_a_job_with_the_arms_off(ray_cluster, digits_weights, tmp
     assert result["distribution_overhead"] == pytest.approx(result["ray_wall_s"] / local["wall_s"])
     assert f"**{result['distribution_overhead']:.2f}×**" in out
     assert result["all_arms"]["job"]["protocol"]["arms"] == ["adaptive", "uniform"]  # then every arm, memory sampled
+    pieces = result["ray_pieces"]  # the gap's Ray pieces, each alone
+    assert 0 < pieces["tune_experiment"]["to_trial_s"] <= pieces["tune_experiment"]["tune_s"]
+    assert pieces["train_launch"]["launch_s"] > 0 and pieces["cold_actor_s"] > 0
+    assert "| alone: one Tune experiment of one empty trial (s)" in out
     assert 0 < pl["macs_ratio"] < 1 and f"| pruned model's MACs kept (its MACs reduction) | {pl['macs_ratio']:.3f}" in out
     rows = pl["speed"]["rows"]
     assert [r["batch"] for r in rows] == [1, 256]

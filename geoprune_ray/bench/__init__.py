@@ -101,6 +101,14 @@ def markdown(result: dict[str, Any]) -> str:
                       f"{result['all_arms']['wall_s']:.1f} |",
                       f"| … all arms / adaptive only | {result['all_arms_over_adaptive']:.2f}× |"]
         lines += [f"| Ray start-up, one-time (s) | {result['ray_startup_s']:.1f} |"]
+        if "ray_pieces" in result:  # the gap's parts, each on its own on the idle machine
+            pieces = result["ray_pieces"]
+            tl, te = pieces["train_launch"], pieces["tune_experiment"]
+            lines += [f"| alone: one Ray Train launch (0 epochs) (s): start-up / worker / checkpoint + teardown | "
+                      f"{tl['launch_s']:.1f}: {tl['startup_s']:.1f} / {tl['worker_s']:.1f} / {tl['end_s']:.1f} |",
+                      f"| alone: one Tune experiment of one empty trial (s): to the trial's first line / in all | "
+                      f"{te['to_trial_s']:.1f} / {te['tune_s']:.1f} |",
+                      f"| alone: a new actor importing the pipeline's modules (s) | {pieces['cold_actor_s']:.1f} |"]
     if "train_launch" in result:
         tl = result["train_launch"]
         lines.append(f"| one Ray Train launch (0 epochs) (s): start-up / worker / checkpoint + teardown | "

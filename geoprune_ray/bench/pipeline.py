@@ -5,6 +5,7 @@ same spec run in one process (``core.reference.adaptive_prune``), measured in th
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 import threading
@@ -118,6 +119,52 @@ def train_launch_cost(repeats: int = 2) -> dict[str, Any]:
     return {**best, "repeats": [r["launch_s"] for r in runs]}
 
 
+@ray.remote(num_cpus=0.25)
+class _ColdActor:
+    """A new Ray actor that imports what a probe actor, a Tune trial or a Train worker of the pipeline imports."""
+
+    def __init__(self) -> None:
+        importlib.import_module("geoprune_ray.distributed.training")  # torch, torch-pruning, the method, Ray Train
+
+    def ready(self) -> float:
+        return time.time()
+
+
+def _empty_trial(config: dict) -> None:
+    from ray import tune
+
+    tune.report({"entered": time.time()})
+
+
+def ray_pieces(repeats: int = 2) -> dict[str, Any]:
+    """What the pipeline's Ray pieces cost on their own, on this machine while it is otherwise idle: one Ray Train
+    launch that trains nothing (split as ``train_launch_cost`` splits it), one Tune experiment of one empty trial (from
+    ``fit`` to the trial's first line, and in all), and one new actor importing the pipeline's modules."""
+    from ray import tune
+
+    from ..distributed.pipeline import _tune_console_quiet
+
+    tune_runs, actor_runs = [], []
+    with tempfile.TemporaryDirectory(prefix="geoprune-bench-") as storage:
+        for i in range(repeats):
+            started = time.time()
+            with _tune_console_quiet():
+                results = tune.Tuner(tune.with_resources(_empty_trial, {"cpu": 0.01}),
+                                     run_config=tune.RunConfig(name=f"empty-{i}", storage_path=storage,
+                                                               verbose=0)).fit()
+            ended = time.time()
+            tune_runs.append({"to_trial_s": results[0].metrics["entered"] - started, "tune_s": ended - started})
+    for _ in range(repeats):
+        started = time.time()
+        actor = _ColdActor.remote()
+        ready = ray.get(actor.ready.remote())
+        actor_runs.append(ready - started)
+        ray.kill(actor)
+    best_tune = min(tune_runs, key=lambda r: r["tune_s"])
+    return {"train_launch": train_launch_cost(repeats), "tune_experiment": {**best_tune, "repeats": tune_runs},
+            "cold_actor_s": min(actor_runs), "cold_actor_repeats": actor_runs}
+
+
 def reduced_job(quick: bool) -> dict[str, Any]:
     """The bench's own reduced pipeline: digits, the convnet, the Adaptive GC arm only."""
     return {"name": "bench", "model": {"name": "convnet", "width": 0.5}, "data": {"name": "digits"},
@@ -169,8 +216,8 @@ def in_process(job: dict[str, Any]) -> dict[str, Any]:
 
 def job_bench(job: dict[str, Any], ray_startup_s: float) -> dict[str, Any]:
     """``geoprune bench --job``: the Ray pipeline (adaptive arm only, Ray's start-up included) against the same spec
-    in one process, their ratio (the distribution overhead), and the pipeline's wall time with every arm the spec
-    names. Reading every process's memory map costs the machine time (on 2 cores it added 15-40 s to a 150 s run), so
+    in one process, their ratio (the distribution overhead), the pipeline's wall time with every arm the spec names,
+    and what the Ray pieces that make the gap cost on their own (``ray_pieces``). Reading every process's memory map costs the machine time (on 2 cores it added 15-40 s to a 150 s run), so
     the two walls that are compared run without the memory sampler; peak memory is sampled on the all-arms run (the
     run with the most processes), or, for a spec with one arm, on a second adaptive-only run."""
     all_arms = len(job.get("protocol", {}).get("arms") or ["adaptive"]) > 1
@@ -183,6 +230,7 @@ def job_bench(job: dict[str, Any], ray_startup_s: float) -> dict[str, Any]:
     if all_arms:
         result["all_arms"] = measured
         result["all_arms_over_adaptive"] = measured["wall_s"] / pipeline["wall_s"]
+    result["ray_pieces"] = ray_pieces()
     return result
 
 
