@@ -529,9 +529,13 @@ def sensitivity_tasks(groups: int, actors: int, gpu: bool, node_cpus: Optional[f
 def prelaunch(res: "Resources", pool: PoolSpec, arm: Scaling, concurrent: int, free_cpus: float) -> int:
     """How many fine-tunes launch while the controller runs, beside the probe actors (they then wait for their arm's
     ratios): as many as fit in the CPUs free now, keeping a quarter CPU for the controller's step trials (a sliver
-    each), so a waiting fine-tune can never starve the steps it waits for. On GPUs only where a fine-tune's share
-    fits for sure: whole GPUs no actor is on, or the rest of the only GPU."""
+    each), so a waiting fine-tune can never starve the steps it waits for. On CPUs one at most: each fine-tune brings
+    its trial, Ray Train controller and worker processes, and two launched beside the actors took the quickstart's
+    peak memory from 7.2 to 8.4 GiB on 2 cores (bench run 7). On GPUs only where a fine-tune's share fits for sure:
+    whole GPUs no actor is on, or the rest of the only GPU."""
     fits = int(max(0.0, free_cpus - 0.25) // (arm.cpus_per_worker * arm.workers + 0.01))
+    if not arm.use_gpu:
+        fits = min(fits, 1)
     if arm.use_gpu:
         gpus = res.cluster.get("GPU", 0.0)
         if gpus < 2:
