@@ -49,3 +49,21 @@ def test_sensitivity_tasks_fit_the_cores_the_actors_leave():
     assert sensitivity_tasks(5, 2, gpu=False, node_cpus=16) == 3
     assert sensitivity_tasks(12, 4, gpu=False, node_cpus=8) == 4
     assert sensitivity_tasks(1, 2, gpu=False, node_cpus=64) == 1
+
+
+def test_early_fine_tunes_fit_beside_the_actors_and_leave_the_steps_room():
+    from geoprune_ray.distributed.pipeline import Resources, prelaunch
+    from geoprune_ray.distributed.probes import PoolSpec
+
+    cpu = Scaling(1, False, 0.5)
+    res = Resources({"CPU": 2.0}, False, 0.0, 0.0, cpu)
+    pool = PoolSpec(2, 0.25, 0.0)
+    assert prelaunch(res, pool, cpu, 2, free_cpus=1.5) == 1  # on CPUs one at most (memory)
+    assert prelaunch(res, pool, cpu, 2, free_cpus=0.6) == 0  # 0.5 would leave the steps less than a quarter CPU
+    one_gpu = Scaling(1, True, 1.0, 0.5)
+    res = Resources({"CPU": 16.0, "GPU": 1.0}, True, 0.25, 0.5, one_gpu)
+    assert prelaunch(res, PoolSpec(2, 0.25, 0.25), Scaling(1, True, 1.0, 0.25), 4, free_cpus=15.5) == 2  # 0.5 GPU left
+    four = Resources({"CPU": 16.0, "GPU": 4.0}, True, 0.5312, 0.4688, one_gpu)
+    assert prelaunch(four, PoolSpec(4, 0.25, 0.5312), Scaling(1, True, 1.0, 1.0), 4, free_cpus=15.0) == 0  # no free GPU
+    eight = Resources({"CPU": 16.0, "GPU": 8.0}, True, 0.5312, 1.0, one_gpu)
+    assert prelaunch(eight, PoolSpec(4, 0.25, 0.5312), Scaling(1, True, 1.0, 1.0), 4, free_cpus=15.0) == 4

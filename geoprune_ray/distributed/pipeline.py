@@ -540,7 +540,8 @@ def prelaunch(res: "Resources", pool: PoolSpec, arm: Scaling, concurrent: int, f
         gpus = res.cluster.get("GPU", 0.0)
         if gpus < 2:
             rest = gpus - pool.actors * pool.gpus_per_actor
-            fits = min(fits, int(rest // (arm.gpus_per_worker * arm.workers + 1e-9)) if arm.gpus_per_worker else 0)
+            share = arm.gpus_per_worker * arm.workers
+            fits = min(fits, math.floor(rest / share + 1e-6) if share else 0)  # 0.5 / 0.25 is 2, not 1.999…
         else:
             per_gpu = max(1, math.floor(1 / pool.gpus_per_actor)) if pool.gpus_per_actor else 1
             free_gpus = math.floor(gpus) - math.ceil(pool.actors / per_gpu)
