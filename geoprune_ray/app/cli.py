@@ -220,6 +220,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return stop(args.address, args.job_id)
 
 
+def _add_step_capture(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--step-capture", action="store_true",
+                   help="compile the training step (CUDA graphs on a GPU; off by default, see BENCHMARKS.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="geoprune", description="Structured pruning controlled by the geometry of classes.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -250,8 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method default (recorded in summary.json), e.g. --set controller=bisect")
-    p.add_argument("--step-capture", action="store_true",
-                   help="compile the training step (CUDA graphs on a GPU; off by default, see BENCHMARKS.md)")
+    _add_step_capture(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_prune)
 
@@ -271,8 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--step-capture", action="store_true",
-                   help="compile the training step (CUDA graphs on a GPU; off by default, see BENCHMARKS.md)")
+    _add_step_capture(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
 

@@ -273,15 +273,16 @@ class Pipeline:
             ray.kill(board)
         if "error" in settled:
             raise settled["error"]
-        step_rows = [t for t in rows if t["kind"] == "step"]
         if not self.stage("controller"):
             raise Interrupted("the Tune experiment stopped before the controller converged",
                               f"run the same command again to resume from {self.run.location}")
-        if replay_controller(protocol.new_controller(cfg, probes, budget), step_rows, complete=False).done:
-            self.state["stages"]["controller"]["trials"] = step_rows  # with the trials' times and actors
+        step_rows = [t for t in rows if t["kind"] == "step"]
+        ctl = replay_controller(protocol.new_controller(cfg, probes, budget), step_rows, complete=False)
+        if ctl.done:  # Tune's rows hold every step, with the trials' times and actors: they replace the hook's
+            self.state["stages"]["controller"]["trials"] = step_rows
+        else:  # a new experiment after a restore that failed: the steps are the recorded ones
+            ctl = replay_controller(protocol.new_controller(cfg, probes, budget), self.stage("controller")["trials"])
         step_trials = self.stage("controller")["trials"]
-        ctl = replay_controller(protocol.new_controller(cfg, probes, budget),
-                                [t for t in step_trials if t["kind"] == "step"])
         plans = {arm: protocol.ArmPlan.from_dict(p) for arm, p in self.stage("arms")["plans"].items()}
         arms = {t["arm"]: t for t in rows if t["kind"] == "finetune" and t.get("ray_train")}
         missing = [arm for arm in plans if arm not in arms]
@@ -536,7 +537,7 @@ def prelaunch(res: "Resources", pool: PoolSpec, arm: Scaling, concurrent: int, f
     fits = int(max(0.0, free_cpus - 0.25) // (arm.cpus_per_worker * arm.workers + 0.01))
     if not arm.use_gpu:
         fits = min(fits, 1)
-    if arm.use_gpu:
+    else:
         gpus = res.cluster.get("GPU", 0.0)
         if gpus < 2:
             rest = gpus - pool.actors * pool.gpus_per_actor
@@ -582,8 +583,7 @@ def whole_nodes(scaling: Scaling, reserved: float = 0.0) -> Scaling:
     """The baseline's workers: a GPU each (``scaling.gpus_per_worker``: a whole one, or what the probe actors starting
     beside it leave of theirs) and the CPUs that go with it, less the CPUs ``reserved`` for those actors."""
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    return baseline_scaling(scaling, max(0.0, ray.available_resources().get("CPU", 0) - reserved),
-                            max((n.get("CPU", 0) for n in nodes), default=1),
+    return baseline_scaling(scaling, max(0.0, ray.available_resources().get("CPU", 0) - reserved), largest_node_cpus(),
                             max((n.get("CPU", 0) / n["GPU"] for n in nodes if n.get("GPU")), default=0.0))
 
 
