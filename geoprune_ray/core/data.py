@@ -12,15 +12,19 @@ import gzip
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
-import torchvision
 from torch import Tensor
-from torchvision.transforms.v2 import functional as TF
 
 from ..errors import GeopruneError
+
+if TYPE_CHECKING:
+    import torchvision
+
+# torchvision is imported where it is needed (image folders, CIFAR, downloads, resizing): it costs a process about
+# 1.3 s of CPU, which every Ray worker of a run on in-memory data of the right size would pay for nothing.
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _FASHION_FILES = {
@@ -107,6 +111,8 @@ class FolderImages(_Labelled):
         return (self.channels, self.size, self.size)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        from torchvision.transforms.v2 import functional as TF
+
         path, label = self.folder.samples[index]
         image = TF.pil_to_tensor(self.folder.loader(path).convert("RGB"))
         image = TF.resize(image, [self.size, self.size], antialias=True)
@@ -197,6 +203,8 @@ def _fashion_mnist(split: str, data_dir, download: bool) -> ImageSet:
     image_stem, label_stem = _FASHION_FILES[split]
     searched = _search_dirs(data_dir, SYSTEM_FASHION_MNIST)
     if download:
+        import torchvision
+
         cache = _cache_dir(data_dir)
         torchvision.datasets.FashionMNIST(str(cache), train=split == "train", download=True)
         searched.append(cache)
@@ -217,6 +225,8 @@ def _fashion_mnist(split: str, data_dir, download: bool) -> ImageSet:
 
 
 def _cifar(name: str, split: str, data_dir, download: bool) -> ImageSet:
+    import torchvision
+
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     searched = _search_dirs(data_dir, _cache_dir(None))
     for root in searched:
@@ -242,6 +252,8 @@ def _image_folder(path: Path, split: str) -> FolderImages:
     if not roots:
         raise GeopruneError(f"image folder {path} has no {' or '.join(names)} subfolder",
                             "lay it out as PATH/train/<class>/*.png and PATH/test/<class>/*.png")
+    import torchvision
+
     try:
         folder = torchvision.datasets.ImageFolder(str(roots[0]))
     except (FileNotFoundError, RuntimeError) as exc:
@@ -259,6 +271,8 @@ def _fit_channels(images: Tensor, channels: int, name: str) -> Tensor:
     if have == 1:
         return images.expand(-1, channels, -1, -1)
     if channels == 1:
+        from torchvision.transforms.v2 import functional as TF
+
         return TF.rgb_to_grayscale(images)
     raise GeopruneError(f"{name} has {have} channels but the model takes {channels}",
                         "build the model with in_channels=3")
@@ -277,6 +291,8 @@ def _fit_size(images: Tensor, size: int) -> Tensor:
     if h <= size and w <= size and size - min(h, w) <= min(h, w) // 4:  # 28 → 32: pad, as is customary
         top, left = (size - h) // 2, (size - w) // 2
         return torch.nn.functional.pad(images, (left, size - w - left, top, size - h - top))
+    from torchvision.transforms.v2 import functional as TF
+
     return TF.resize(images, [size, size], antialias=True)
 
 

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import resnet as tv_resnet
 
 from ..errors import GeopruneError
 
@@ -42,41 +40,28 @@ def register_model(name: str, input_size: Optional[int], description: str):
     return wrap
 
 
-def _scaled(channels: int, width: float) -> int:
+def _scaled(channels: int, width: float) -> int:  # also cifar_resnet's
     return max(1, int(round(channels * width)))
-
-
-class CifarResNet(tv_resnet.ResNet):
-    """torchvision's ResNet with the CIFAR stem (3×3 stride-1 conv, no max-pool) and a width multiplier."""
-
-    def __init__(self, block, layers, num_classes: int, in_channels: int = 3, width: float = 1.0):
-        self._width = width
-        super().__init__(block, layers, num_classes=num_classes)
-        stem = _scaled(64, width)
-        self.conv1 = nn.Conv2d(in_channels, stem, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem)
-        self.maxpool = nn.Identity()
-        self.fc = nn.Linear(_scaled(512, width) * block.expansion, num_classes)
-        nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
-
-    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
-        if planes == 64:  # the first stage reads the (scaled) stem, not torchvision's fixed 64
-            self.inplanes = _scaled(64, self._width)
-        return super()._make_layer(block, _scaled(planes, self._width), blocks, stride, dilate)
 
 
 @register_model("resnet18", 32, "ResNet-18, CIFAR stem (the paper's, 11.22 M params at 100 classes)")
 def resnet18(num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    from .cifar_resnet import CifarResNet, tv_resnet
+
     return CifarResNet(tv_resnet.BasicBlock, [2, 2, 2, 2], num_classes, in_channels, width)
 
 
 @register_model("resnet50", 32, "ResNet-50, CIFAR stem (the paper's, 23.71 M params at 100 classes)")
 def resnet50(num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    from .cifar_resnet import CifarResNet, tv_resnet
+
     return CifarResNet(tv_resnet.Bottleneck, [3, 4, 6, 3], num_classes, in_channels, width)
 
 
 @register_model("mobilenet_v2", 32, "MobileNetV2, first conv stride 1 (the paper's, 2.35 M params at 100 classes)")
 def mobilenet_v2(num_classes: int, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    import torchvision
+
     model = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width)
     first = model.features[0][0]
     model.features[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, stride=1, padding=1, bias=False)
@@ -129,6 +114,8 @@ def default_input_size(name: str) -> Optional[int]:
 
 
 def _torchvision_model(arch: str, num_classes: int, in_channels: int, width: float) -> nn.Module:
+    import torchvision
+
     available = torchvision.models.list_models(module=torchvision.models)
     if arch not in available:
         raise GeopruneError(f"unknown torchvision model {arch!r}",
