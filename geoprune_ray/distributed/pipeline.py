@@ -50,7 +50,7 @@ from .rundir import RunDir
 from .holder import PlanBoard, board_name
 from .searcher import RatioSearcher, on_converged
 from .sensitivity import by_group, submit_sensitivity
-from .training import Scaling, fit, load_checkpoint
+from .training import Scaling, fit, join_teardowns, load_checkpoint
 from .trial import TrialContext, search_trial
 
 log = logging.getLogger("geoprune_ray")
@@ -189,15 +189,17 @@ class Pipeline:
             pool_started = time.time()
             pool = ProbePool.start(target, cfg.bn_recalibration, pool_spec, run_id,
                                    max(START_TIMEOUT_S, spec.resources.wait_for_gpu_s))
+        teardowns: list = []  # Ray Train runs that handed their result over and are still ending
         try:
             return self._stages(res, pool, pool_started if pool else 0.0, baseline_scaling_now, model, train_set,
-                                test_set, card, target, data_ref, calibration, progress)
+                                test_set, card, target, data_ref, calibration, progress, teardowns)
         finally:
+            join_teardowns(teardowns)
             if pool is not None:
                 pool.shutdown()
 
     def _stages(self, res, pool, pool_started, base_scaling, model, train_set, test_set, card, target, data_ref,
-                calibration, progress) -> dict[str, Any]:
+                calibration, progress, teardowns: list) -> dict[str, Any]:
         spec, cfg = self.spec, self.cfg
         run_id = self.state["run_id"]
 
@@ -208,8 +210,11 @@ class Pipeline:
         elif spec.model.weights is None and spec.protocol.baseline_epochs > 0:
             log.info("stage baseline: training %s for %d epochs through Ray Train", card.arch,
                      spec.protocol.baseline_epochs)
+            # the worker hands the weights over once the final checkpoint is stored: the actors take them while Ray
+            # Train tears the run down
             state, _, metrics = fit(card, ray.put(model.state_dict()), data_ref, spec.baseline_config(), base_scaling,
-                                    self.run.uri("train"), name="baseline", progress=(run_id, "baseline"))
+                                    self.run.uri("train"), name="baseline", progress=(run_id, "baseline"),
+                                    teardowns=teardowns)
             model.load_state_dict(state)
             buffer = io.BytesIO()
             torch.save(state, buffer)

@@ -3,10 +3,13 @@
 Work that runs far from the driver (Ray Train workers inside Tune trials) posts its events to a
 small named actor, the run's progress board; the driver drains it from a background thread.
 Work the driver waits on itself (probes, sensitivity tasks) is reported as its results arrive.
+The board also carries results handed over before the work that made them has ended (``deliver``,
+``take``): a Ray Train run's final weights, sent by its worker before the run's teardown.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -23,14 +26,33 @@ def board_name(run_id: str) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class ProgressBoard:
+    """Events in order, and values handed over by key (taken once). Async, so ``take`` can wait for a value without
+    holding up the posts."""
+
     def __init__(self) -> None:
         self.events: list[dict] = []
+        self.values: dict[str, Any] = {}
+        self.arrived = asyncio.Condition()
 
-    def post(self, event: dict) -> None:
+    async def post(self, event: dict) -> None:
         self.events.append(event)
 
-    def since(self, index: int) -> list[dict]:
+    async def since(self, index: int) -> list[dict]:
         return self.events[index:]
+
+    async def deliver(self, key: str, value: Any) -> None:
+        async with self.arrived:
+            self.values[key] = value
+            self.arrived.notify_all()
+
+    async def take(self, key: str, timeout_s: float) -> Optional[Any]:
+        """The value delivered under ``key`` (removed from the board), or None if none came within ``timeout_s``."""
+        async with self.arrived:
+            try:
+                await asyncio.wait_for(self.arrived.wait_for(lambda: key in self.values), timeout_s)
+            except asyncio.TimeoutError:
+                return None
+            return self.values.pop(key)
 
 
 def post(run_id: Optional[str], **event: Any) -> None:

@@ -9,9 +9,13 @@ and ΔG after), so nothing waits on the probe actors. Every epoch is reported wi
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import tempfile
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,9 +30,12 @@ from ..core.protocol import finetune_arm
 from ..core.pruning import ModelCard
 from ..core.train import evaluate, train
 from .probes import device_for
-from .progress import post
+from .progress import board_name, post
 
 CHECKPOINT_FILE = "model.pt"
+HANDOVER_POLL_S = 1.0  # how long one wait on the board lasts before the driver checks that the run still lives
+
+log = logging.getLogger("geoprune_ray")
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,10 @@ def train_worker(config: dict) -> None:
     job: Optional[ArmJob] = config.get("arm")
     if job is None:  # the baseline
         train(wrap(model), train_set, cfg, device, on_epoch=on_epoch, rank=rank, world_size=world)
-        report({"epoch": cfg.epochs, "top1": evaluate(model, test_set, device)["top1"]}, final=True)
+        metrics = {"epoch": cfg.epochs, "top1": evaluate(model, test_set, device)["top1"]}
+        report(metrics, final=True)
+        if rank == 0 and config.get("handover"):
+            _hand_over(run_id, config["handover"], model, current["history"], {**metrics, "device": str(device)})
         return
     meter = GeometryMeter(ray.get(job.calibration_ref).to(device), job.bn_recalibration)
     meter.set_reference(model)
@@ -129,6 +139,16 @@ def train_worker(config: dict) -> None:
             "plan_received": clock["started"]}, final=True)
 
 
+def _hand_over(run_id: str, key: str, model: torch.nn.Module, history: list, metrics: dict) -> None:
+    """Send the final weights to the driver through the run's progress board, once the final checkpoint is stored:
+    the driver goes on while Ray Train tears the run down (2-3 s). Serialised here (``torch.save``), so the board
+    never imports torch and the driver reads them ``weights_only``."""
+    buffer = io.BytesIO()
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history},
+               buffer)
+    ray.get(ray.get_actor(board_name(run_id)).deliver.remote(key, {"payload": buffer.getvalue(), "metrics": metrics}))
+
+
 def _worker_resources(scaling: Scaling) -> dict[str, float]:
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -137,11 +157,16 @@ def _worker_resources(scaling: Scaling) -> dict[str, float]:
 
 
 def fit(card: ModelCard, state_ref: Any, data_ref: Any, cfg: TrainConfig, scaling: Scaling, storage: str, name: str,
-        arm: Optional[ArmJob] = None, progress: Optional[tuple[str, str]] = None
-        ) -> tuple[dict[str, torch.Tensor], list, dict[str, Any]]:
+        arm: Optional[ArmJob] = None, progress: Optional[tuple[str, str]] = None,
+        teardowns: Optional[list[threading.Thread]] = None) -> tuple[dict[str, torch.Tensor], list, dict[str, Any]]:
     """Train the model ``state_ref`` holds through Ray Train: the baseline as it is, or, given ``arm``, a pruned copy
     (pruned, measured and fine-tuned on the worker). Returns the final weights, the pruning history and the last
-    metrics."""
+    metrics.
+
+    Given ``teardowns`` (and ``progress``, whose run's board carries the weights), a baseline returns as soon as its
+    worker has stored the final checkpoint and handed the weights over; Ray Train's teardown goes on in a thread,
+    appended to ``teardowns`` for the caller to join (``join_teardowns``). The metrics then lack
+    ``checkpoint_path``."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -150,10 +175,12 @@ def fit(card: ModelCard, state_ref: Any, data_ref: Any, cfg: TrainConfig, scalin
     # poll is a call into the training process, so polling often slows its epochs on a small CPU: once a second.
     # Ray Train hands the variable on to its controller; a user's own setting wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
+    handover = f"{name}-{uuid.uuid4().hex[:8]}" if teardowns is not None and progress and arm is None else None
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"card": card.to_dict(), "state_ref": state_ref, "data_ref": data_ref, "arm": arm,
-                           "train": cfg.to_dict(), "threads": scaling.torch_threads, "progress": progress},
+                           "train": cfg.to_dict(), "threads": scaling.torch_threads, "progress": progress,
+                           "handover": handover},
         # NCCL only where several GPU workers talk; one worker needs no collectives, and gloo also starts where the
         # cluster's GPUs are not real CUDA devices (the worker then trains on the CPU).
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu and scaling.workers > 1 else "gloo"),
@@ -161,9 +188,62 @@ def fit(card: ModelCard, state_ref: Any, data_ref: Any, cfg: TrainConfig, scalin
                                      resources_per_worker=_worker_resources(scaling)),
         run_config=RunConfig(name=name, storage_path=storage),
     )
-    result = trainer.fit()
+    if handover:
+        run, delivered = _fit_in_background(trainer, progress[0], handover, name)
+        if delivered is not None:
+            teardowns.append(run)
+            payload = torch.load(io.BytesIO(delivered["payload"]), map_location="cpu", weights_only=True)
+            return payload["state_dict"], payload["history"], delivered["metrics"]
+        result = run.result  # ended without handing over: read its checkpoint
+    else:
+        result = trainer.fit()
     payload = load_checkpoint(result.checkpoint)
     return payload["state_dict"], payload["history"], {**result.metrics, "checkpoint_path": result.checkpoint.path}
+
+
+class _Run(threading.Thread):
+    """``trainer.fit()`` in a thread: its result, or the error it raised."""
+
+    def __init__(self, trainer: Any, name: str) -> None:
+        super().__init__(name=f"ray-train-{name}", daemon=True)
+        self.trainer, self.result, self.error = trainer, None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by whoever waits for it
+            self.error = exc
+
+
+def _fit_in_background(trainer: Any, run_id: str, key: str, name: str) -> tuple[_Run, Optional[dict]]:
+    """Run ``trainer.fit()`` in a thread and wait for the worker's hand-over on the board: the thread and what was
+    handed over, None if the run ended without (its error, if any, is raised here)."""
+    run = _Run(trainer, name)
+    run.start()
+    board = ray.get_actor(board_name(run_id))
+    while True:
+        alive = run.is_alive()  # read before the last wait: a hand-over made just before the end is still seen
+        delivered = ray.get(board.take.remote(key, HANDOVER_POLL_S))
+        if delivered is not None or not alive:
+            break
+    if delivered is None:
+        run.join()
+        if run.error is not None:
+            raise run.error
+    return run, delivered
+
+
+def join_teardowns(teardowns: list[threading.Thread], timeout_s: float = 60.0) -> None:
+    """Wait for Ray Train runs whose results were handed over early to finish their teardown; an error there (the
+    result is already safe) is logged, not raised."""
+    while teardowns:
+        run = teardowns.pop()
+        run.join(timeout_s)
+        if run.is_alive():
+            log.warning("Ray Train run %s is still tearing down after %.0f s; going on without it", run.name, timeout_s)
+        elif getattr(run, "error", None) is not None:
+            log.warning("Ray Train run %s failed after handing its result over: %s", run.name,
+                        str(run.error).splitlines()[0] if str(run.error) else repr(run.error))
 
 
 def load_checkpoint(checkpoint: "ray.train.Checkpoint | str") -> dict[str, Any]:

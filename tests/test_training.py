@@ -1,0 +1,53 @@
+"""Ray Train launches of the pipeline: a baseline hands its weights over before Ray Train's teardown."""
+
+import pytest
+import ray
+import torch
+
+from geoprune_ray.core.config import TrainConfig
+from geoprune_ray.core.models import build_model
+from geoprune_ray.core.pruning import ModelCard
+from geoprune_ray.distributed.progress import Progress
+from geoprune_ray.distributed.training import Scaling, fit, join_teardowns, load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def launch(ray_cluster, digits, tmp_path_factory):
+    train_set, test_set = digits
+    card = ModelCard("convnet", 10, 3, 0.25, (3, 8, 8), train_set.mean, train_set.std)
+    torch.manual_seed(0)
+    return card, build_model("convnet", 10, 3, 0.25).state_dict(), ray.put((train_set, test_set)), \
+        str(tmp_path_factory.mktemp("train"))
+
+
+def test_a_baseline_hands_its_weights_over_before_the_teardown(launch):
+    card, state, data_ref, storage = launch
+    progress, teardowns = Progress("handover-test"), []
+    try:
+        weights, history, metrics = fit(card, ray.put(state), data_ref, TrainConfig(epochs=1, batch_size=64, lr=0.1),
+                                        Scaling(1, False, 0.5), storage, name="baseline",
+                                        progress=("handover-test", "baseline"), teardowns=teardowns)
+        assert len(teardowns) == 1  # returned with Ray Train's run still to be joined
+        run = teardowns[0]
+        join_teardowns(teardowns)
+    finally:
+        progress.close()
+    assert teardowns == [] and run.error is None
+    assert history == [] and metrics["epoch"] == 1 and metrics["top1"] > 50 and "checkpoint_path" not in metrics
+    stored = load_checkpoint(run.result.checkpoint)  # the final checkpoint Ray Train kept holds the same weights
+    assert stored["state_dict"].keys() == weights.keys()
+    assert all(torch.equal(stored["state_dict"][k], weights[k]) for k in weights)
+    assert any(not torch.equal(state[k], weights[k]) for k in weights)  # and they were trained
+
+
+def test_a_run_that_fails_before_the_hand_over_raises(launch):
+    card, state, data_ref, storage = launch
+    wrong = build_model("convnet", 10, 3, 0.5).state_dict()  # another width: the worker cannot load it
+    progress, teardowns = Progress("handover-fails"), []
+    try:
+        with pytest.raises(Exception, match="size mismatch"):
+            fit(card, ray.put(wrong), data_ref, TrainConfig(epochs=1, batch_size=64, lr=0.1), Scaling(1, False, 0.5),
+                storage, name="baseline-fails", progress=("handover-fails", "baseline"), teardowns=teardowns)
+    finally:
+        progress.close()
+    assert teardowns == []
