@@ -1,5 +1,8 @@
 """Ray Train launches of the pipeline: a baseline hands its weights over before Ray Train's teardown."""
 
+import subprocess
+import sys
+
 import pytest
 import ray
 import torch
@@ -51,3 +54,12 @@ def test_a_run_that_fails_before_the_hand_over_raises(launch):
     finally:
         progress.close()
     assert teardowns == []
+
+
+def test_processes_import_only_what_their_work_needs():
+    """A controller step's Tune trial imports no torch; the training module imports no torchvision (a convnet on
+    in-memory data needs none). Each of those costs a Ray process 1-2 s of CPU at start-up."""
+    code = ("import sys, geoprune_ray.distributed.trial; assert 'torch' not in sys.modules, 'trial'; "
+            "import geoprune_ray.distributed.training; assert 'torchvision' not in sys.modules, 'training'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr.splitlines()[-1]

@@ -111,3 +111,14 @@ def finetune_defaults(epochs: int = 5, **overrides: Any) -> TrainConfig:
 
 
 __all__ = ["MethodConfig", "TrainConfig", "finetune_defaults"]
+
+
+@dataclass(frozen=True)
+class PruneTarget:
+    """What pruning needs to know about the base model besides its weights. (Here, with no torch import, so a Ray
+    process that only passes it on, such as a controller step's trial, never imports torch.)"""
+
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    importance: str = "l2"
+    round_to: Optional[int] = None

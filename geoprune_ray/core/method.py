@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import GeopruneError
+from .config import PruneTarget
 from .geometry import GeometryMeter
 from .pruning import macs_params, prune_copy
 
@@ -256,16 +257,6 @@ def match_macs(target_macs: float, macs_of: Callable[[Mapping[str, float] | floa
 
 
 # ---------------------------------------------------------------- the unit of work
-
-
-@dataclass(frozen=True)
-class PruneTarget:
-    """What pruning needs to know about the base model besides its weights."""
-
-    input_shape: tuple[int, int, int]
-    num_classes: int
-    importance: str = "l2"
-    round_to: Optional[int] = None
 
 
 @dataclass

@@ -26,6 +26,11 @@ def share(base: "nn.Module", calibration: "Calibration") -> dict[str, ray.Object
     return {"base": ray.put(copy.deepcopy(base).cpu()), "calibration": ray.put(calibration.to("cpu"))}
 
 
+def actor_name(run_id: str, index: int) -> str:
+    """The name of the run's probe actor ``index``."""
+    return f"geoprune-{run_id}-probe-{index}"
+
+
 def holder_name(run_id: str) -> str:
     return f"geoprune-{run_id}-shared"
 

@@ -25,7 +25,7 @@ from ..core.method import PruneTarget, measure
 from ..core.pruning import macs_params, prune_copy
 from ..core.speed import compare_speed
 from ..errors import GeopruneError
-from .holder import SharedObjects, fetch, holder_name, share
+from .holder import SharedObjects, actor_name, fetch, holder_name, share
 
 log = logging.getLogger("geoprune_ray")
 MAX_RESTARTS = 3
@@ -194,7 +194,3 @@ def spread(calls: int, actors: int) -> list[int]:
     """The actor of each call, in a snake order (0, 1, …, n−1, n−1, …, 0, 0, 1, …): probes come sorted by
     ratio and cost falls with the ratio, so each actor gets as many cheap calls as dear ones."""
     return [(i % actors) if (i // actors) % 2 == 0 else actors - 1 - (i % actors) for i in range(calls)]
-
-
-def actor_name(run_id: str, index: int) -> str:
-    return f"geoprune-{run_id}-probe-{index}"

@@ -31,24 +31,12 @@ from ..core.pruning import ModelCard
 from ..core.train import evaluate, train
 from .probes import device_for
 from .progress import board_name, post
+from .scaling import Scaling
 
 CHECKPOINT_FILE = "model.pt"
 HANDOVER_POLL_S = 1.0  # how long one wait on the board lasts before the driver checks that the run still lives
 
 log = logging.getLogger("geoprune_ray")
-
-
-@dataclass(frozen=True)
-class Scaling:
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    threads: int = 0  # torch threads per worker; 0: the whole CPUs it holds (at least one)
-
-    @property
-    def torch_threads(self) -> int:
-        return self.threads or max(1, int(self.cpus_per_worker))
 
 
 @dataclass(frozen=True)

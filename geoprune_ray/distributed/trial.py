@@ -15,17 +15,20 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import ray
 from ray import tune
 
-from ..core.config import TrainConfig
-from ..core.method import PruneTarget
-from ..core.pruning import ModelCard
-from .holder import board_name
-from .probes import actor_name
-from .training import ArmJob, Scaling, fit
+from ..core.config import PruneTarget
+from .holder import actor_name, board_name
+from .scaling import Scaling
+
+if TYPE_CHECKING:
+    from .training import ArmJob
+
+# What a trial imports up front is torch-free: a controller step's trial only calls a probe actor, so its process
+# starts in about a second; a fine-tune's imports torch, torch-pruning and Ray Train when it launches its run.
 
 
 @dataclass(frozen=True)
@@ -67,19 +70,27 @@ def pruning_trial(config: dict, ctx: TrialContext) -> None:
                  "pid": rec["pid"], "actor": rec["actor"], "ray_train": False, "started": started,
                  "finished": time.time()})
     if ctx.finetune_all and accepted:
+        from .training import ArmJob
+
         _finetune(ctx, started, "adaptive", ArmJob(config["ratios"], ctx.calibration_ref, ctx.target,
                                                    ctx.bn_recalibration), ctx.scaling, step=config["step"], r=config["r"])
 
 
 def finetune_trial(config: dict, ctx: TrialContext) -> None:
     """One arm's fine-tune; its ratios come from the run's plan board."""
+    from .training import ArmJob
+
     arm = config["arm"]
     job = ArmJob(None, ctx.calibration_ref, ctx.target, ctx.bn_recalibration, board=board_name(ctx.run_id), arm=arm)
     _finetune(ctx, time.time(), arm, job, ctx.arm_scaling or ctx.scaling)
 
 
-def _finetune(ctx: TrialContext, started: float, arm: str, job: ArmJob, scaling: Scaling,
+def _finetune(ctx: TrialContext, started: float, arm: str, job: "ArmJob", scaling: Scaling,
               step: Optional[int] = None, r: Optional[float] = None) -> None:
+    from ..core.config import TrainConfig
+    from ..core.pruning import ModelCard
+    from .training import fit
+
     label = f"fine-tune {arm}" + (f" step {step}" if step is not None else "")
     name = f"finetune-{arm}" + (f"-step{step}" if step is not None else "") + f"-{os.getpid()}-{time.time_ns() % 10**6}"
     _, _, metrics = fit(ModelCard.from_dict(ctx.card), ctx.state_ref, ctx.data_ref, TrainConfig.from_dict(ctx.finetune),
