@@ -52,7 +52,7 @@ def test_bench_job_runs_a_job_with_the_arms_off(ray_cluster, digits_weights, tmp
            "resources": {"probe_actors": 2, "cpus_per_worker": 1.0}, "method": PIPELINE_METHOD}
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
-    assert main(["bench", "--job", str(path), "--output", str(tmp_path / "out")]) == 0
+    assert main(["bench", "--job", str(path), "--output", str(tmp_path / "out")]) == 0  # two pairs, by default
     result = json.loads((tmp_path / "out" / "bench.json").read_text())
     pl = result["pipeline"]
     assert pl["job"]["protocol"]["arms"] == ["adaptive"]  # the comparison arms are off for this measure
@@ -65,8 +65,13 @@ def test_bench_job_runs_a_job_with_the_arms_off(ray_cluster, digits_weights, tmp
     # The same spec in one process decides the same (one protocol), and the overhead is the ratio of the two walls.
     local = result["in_process"]
     assert (local["tau"], local["r_star"]) == pytest.approx((pl["tau"], pl["r_star"]), abs=1e-5)
-    assert result["distribution_overhead"] == pytest.approx(result["ray_wall_s"] / local["wall_s"])
+    # Each side twice (Ray, one process, one process, Ray): the overhead is the ratio of the mean walls.
+    pairs = result["pairs"]
+    assert len(pairs) == 2 and local["wall_s"] == pairs[0]["in_process_wall_s"]
+    assert result["ray_wall_s"] == pytest.approx((pairs[0]["ray_wall_s"] + pairs[1]["ray_wall_s"]) / 2)
+    assert result["distribution_overhead"] == pytest.approx(result["ray_wall_s"] / result["in_process_wall_s"])
     assert f"**{result['distribution_overhead']:.2f}×**" in out
+    assert f"| … pair 2 (one process first): Ray / one process (s) | {pairs[1]['ray_wall_s']:.1f} / " in out
     assert result["all_arms"]["job"]["protocol"]["arms"] == ["adaptive", "uniform"]  # then every arm, memory sampled
     pieces = result["ray_pieces"]  # the gap's Ray pieces, each alone
     assert 0 < pieces["tune_experiment"]["to_trial_s"] <= pieces["tune_experiment"]["tune_s"]

@@ -35,6 +35,7 @@ def _run(*args):
     (["prune", "--model", "convnet", "--dataset", "digits", "--out", "OUT", "--set", "r_max=1.2"], "outside (0, 1)"),
     (["run", "BADKEY"], "did you mean 'protocol'"),
     (["run", "GPUJOB", "--storage", "OUT"], "has no GPU"),
+    (["bench", "--job", "NOJOB", "--pairs", "0", "--output", "OUT"], "--pairs 0 must be at least 1"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, needle, tmp_path):
     (tmp_path / "bad.yaml").write_text("name: x\nprotocl: {}\n")

@@ -197,7 +197,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from ..bench import run_bench
 
-    result = run_bench(args.output, args.quick, args.device, args.job)
+    if args.pairs < 1:
+        raise GeopruneError(f"--pairs {args.pairs} must be at least 1", "e.g. --pairs 2")
+    result = run_bench(args.output, args.quick, args.device, args.job, args.pairs)
     print((Path(args.output) / "bench.md").read_text())
     return 0 if result else 1
 
@@ -354,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--job", default=None, help="instead: run this job spec with the comparison arms off and report "
                                                "its stage times, search overhead and peak memory")
+    p.add_argument("--pairs", type=int, default=2, help="with --job: measure Ray and one process this many times each, "
+                                                        "alternating which goes first (default 2)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="export a run's pruned model, checked against PyTorch's outputs",

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-def run_bench(output: str, quick: bool, device: Optional[str] = None, job: Optional[str] = None) -> dict[str, Any]:
-    """The whole bench; with ``job`` (a job-spec path) only that job's pipeline, comparison arms off."""
+def run_bench(output: str, quick: bool, device: Optional[str] = None, job: Optional[str] = None,
+              pairs: int = 1) -> dict[str, Any]:
+    """The whole bench; with ``job`` (a job-spec path) only that job's pipeline, comparison arms off, against the same
+    spec in one process (``pairs`` times each side, see ``job_bench``)."""
     from ..distributed.pipeline import connect
 
     if job is not None:
@@ -30,7 +32,7 @@ def run_bench(output: str, quick: bool, device: Optional[str] = None, job: Optio
         connect(None)
         ray_startup = time.perf_counter() - started
         result: dict[str, Any] = {"quick": quick, "job": job, "ray_startup_s": ray_startup,
-                                  **job_bench(spec, ray_startup)}
+                                  **job_bench(spec, ray_startup, pairs)}
     else:
         from .core import run_core
         from .pipeline import run_pipeline
@@ -87,15 +89,22 @@ def markdown(result: dict[str, Any]) -> str:
                       f"process | {pool['process_ceiling']:.2f}× |",
                       f"| … pool speed-up as a fraction of that ceiling | {pool['pool_efficiency']:.2f} |"]
     else:
-        local = result["in_process"]
+        local, pairs = result["in_process"], result.get("pairs", [])
+        mean = f" (mean of {len(pairs)} pairs)" if len(pairs) > 1 else ""
         lines += [f"# geoprune bench --job {result['job']}", "", "| figure | value |", "|---|---|",
-                  f"| Ray: adaptive arm only, Ray start-up included (s) | {result['ray_wall_s']:.1f} |",
-                  f"| one process (adaptive_prune, {_threads(local['threads'])}) (s) | {local['wall_s']:.1f} |",
-                  f"| **distribution overhead**: Ray / one process | **{result['distribution_overhead']:.2f}×** |",
-                  f"| … τ, r*, baseline top-1: Ray / one process | {result['pipeline']['tau']:.4f} / "
+                  f"| Ray: adaptive arm only, Ray start-up included (s){mean} | {result['ray_wall_s']:.1f} |",
+                  f"| one process (adaptive_prune, {_threads(local['threads'])}) (s){mean} | "
+                  f"{result.get('in_process_wall_s', local['wall_s']):.1f} |",
+                  f"| **distribution overhead**: Ray / one process{mean} | **{result['distribution_overhead']:.2f}×** |"]
+        if len(pairs) > 1:
+            lines += [f"| … pair {i + 1} ({'Ray first' if i % 2 == 0 else 'one process first'}): Ray / one process (s) | "
+                      f"{p['ray_wall_s']:.1f} / {p['in_process_wall_s']:.1f} = {p['ratio']:.2f}× |"
+                      for i, p in enumerate(pairs)]
+        lines += [f"| … τ, r*, baseline top-1: Ray / one process | {result['pipeline']['tau']:.4f} / "
                   f"{local['tau']:.4f}, {result['pipeline']['r_star']:.4f} / {local['r_star']:.4f}, "
                   f"{result['pipeline']['baseline_top1']:.2f} / {local['baseline_top1']:.2f} |"]
-        lines += [f"| … one process: {k} (s) | {v:.1f} |" for k, v in local["timings_s"].items()]
+        lines += [f"| … one process{' (its first run)' if mean else ''}: {k} (s) | {v:.1f} |"
+                  for k, v in local["timings_s"].items()]
         if "all_arms" in result:
             lines += [f"| Ray: all arms ({', '.join(result['all_arms']['job']['protocol']['arms'])}) (s) | "
                       f"{result['all_arms']['wall_s']:.1f} |",

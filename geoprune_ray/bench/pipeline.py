@@ -214,17 +214,34 @@ def in_process(job: dict[str, Any]) -> dict[str, Any]:
             "top1": s["pruned"]["top1"], "macs_ratio": s["pruned"]["macs_ratio"]}
 
 
-def job_bench(job: dict[str, Any], ray_startup_s: float) -> dict[str, Any]:
+def job_bench(job: dict[str, Any], ray_startup_s: float, pairs: int = 1) -> dict[str, Any]:
     """``geoprune bench --job``: the Ray pipeline (adaptive arm only, Ray's start-up included) against the same spec
     in one process, their ratio (the distribution overhead), the pipeline's wall time with every arm the spec names,
-    and what the Ray pieces that make the gap cost on their own (``ray_pieces``). Reading every process's memory map costs the machine time (on 2 cores it added 15-40 s to a 150 s run), so
-    the two walls that are compared run without the memory sampler; peak memory is sampled on the all-arms run (the
-    run with the most processes), or, for a spec with one arm, on a second adaptive-only run."""
+    and what the Ray pieces that make the gap cost on their own (``ray_pieces``).
+
+    ``pairs`` > 1 measures both sides that many times, in the order Ray, one process, one process, Ray, … (each pair
+    reversed), so that a machine whose speed drifts during the bench (±10% over minutes on the 2-core machines)
+    slows both sides alike; the overhead is then the sum of the Ray walls over the sum of the one-process walls, and
+    each pair's ratio is kept. The stage figures are the first run's of each side. Reading every process's memory map
+    costs the machine time (on 2 cores it added 15-40 s to a 150 s run), so the compared walls run without the
+    memory sampler; peak memory is sampled on the all-arms run (the run with the most processes), or, for a spec with
+    one arm, on a further adaptive-only run."""
     all_arms = len(job.get("protocol", {}).get("arms") or ["adaptive"]) > 1
-    pipeline = pipeline_split(adaptive_only(job), memory=False)
-    local = in_process(adaptive_only(job))
-    result = {"pipeline": pipeline, "in_process": local, "ray_wall_s": ray_startup_s + pipeline["wall_s"],
-              "distribution_overhead": (ray_startup_s + pipeline["wall_s"]) / local["wall_s"]}
+    ray_runs, local_runs = [], []
+    for i in range(max(1, pairs)):
+        for side in (("ray", "local") if i % 2 == 0 else ("local", "ray")):
+            if side == "ray":
+                ray_runs.append(pipeline_split(adaptive_only(job), memory=False))
+            else:
+                local_runs.append(in_process(adaptive_only(job)))
+    pipeline, local = ray_runs[0], local_runs[0]
+    ray_walls = [ray_startup_s + run["wall_s"] for run in ray_runs]
+    local_walls = [run["wall_s"] for run in local_runs]
+    result = {"pipeline": pipeline, "in_process": local, "ray_wall_s": sum(ray_walls) / len(ray_walls),
+              "in_process_wall_s": sum(local_walls) / len(local_walls),
+              "distribution_overhead": sum(ray_walls) / sum(local_walls),
+              "pairs": [{"ray_wall_s": r, "in_process_wall_s": p, "ratio": r / p}
+                        for r, p in zip(ray_walls, local_walls)]}
     measured = pipeline_split(job if all_arms else adaptive_only(job))
     pipeline["peak_pss_gib"] = measured["peak_pss_gib"]
     if all_arms:
