@@ -5,7 +5,8 @@
 #    sharing one GPU;
 # 2. issue 12's targets: `geoprune bench --job` of the full-width ResNet-18 on 20,000 Fashion-MNIST
 #    images (10 + 5 epochs): the Ray wall (adaptive arm only) against the same spec in one process
-#    (distribution overhead), all four arms against adaptive only, GPU busy, the stage time line.
+#    (distribution overhead; one pair, to fit the device time), all four arms against adaptive only, GPU busy,
+#    the stage time line.
 #    With "quick" as the argument it runs `geoprune bench --device cuda` instead of 2: among its figures the
 #    project's loop against the plain loop at batch 256 and 512 and step capture against the plain loop
 #    (issue 12's ≥ 0.95 and ≥ 1.3 targets; `training_resnet18` in bench.json).
@@ -26,7 +27,7 @@ if [ "${1:-}" = quick ]; then
   timeout 230 python3 -m geoprune_ray.app.cli bench --output "$OUT/bench" --device cuda 2>&1 | tee "$OUT/bench.log" | tail -40
 else
   [ -d .data/fashion-20k ] || { echo "no .data/fashion-20k: run bench/fashion_subset.py and carry it"; exit 1; }
-  timeout 420 python3 -m geoprune_ray.app.cli bench --job jobs/gpu_fashion_resnet18_20k.yaml --output "$OUT/job" 2>&1 \
+  timeout 420 python3 -m geoprune_ray.app.cli bench --job jobs/gpu_fashion_resnet18_20k.yaml --pairs 1 --output "$OUT/job" 2>&1 \
     | tee "$OUT/job.log" | grep -v "probes: " | tail -60
 fi
 echo "exit ${PIPESTATUS[0]}"
