@@ -36,7 +36,7 @@ def test_a_baseline_hands_its_weights_over_before_the_teardown(launch):
     finally:
         progress.close()
     assert teardowns == [] and run.error is None
-    assert history == [] and metrics["epoch"] == 1 and metrics["top1"] > 50 and "checkpoint_path" not in metrics
+    assert history == [] and metrics["epoch"] == 1 and metrics["top1"] > 20 and "checkpoint_path" not in metrics
     stored = load_checkpoint(run.result.checkpoint)  # the final checkpoint Ray Train kept holds the same weights
     assert stored["state_dict"].keys() == weights.keys()
     assert all(torch.equal(stored["state_dict"][k], weights[k]) for k in weights)

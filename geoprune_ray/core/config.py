@@ -110,9 +110,6 @@ def finetune_defaults(epochs: int = 5, **overrides: Any) -> TrainConfig:
     return TrainConfig(**{"epochs": epochs, "lr": 0.02, "schedule": "cosine", **overrides})
 
 
-__all__ = ["MethodConfig", "TrainConfig", "finetune_defaults"]
-
-
 @dataclass(frozen=True)
 class PruneTarget:
     """What pruning needs to know about the base model besides its weights. (Here, with no torch import, so a Ray
@@ -122,3 +119,7 @@ class PruneTarget:
     num_classes: int
     importance: str = "l2"
     round_to: Optional[int] = None
+
+
+__all__ = ["MethodConfig", "PruneTarget", "TrainConfig", "finetune_defaults"]
+
