@@ -89,12 +89,12 @@ def markdown(result: dict[str, Any]) -> str:
                       f"process | {pool['process_ceiling']:.2f}× |",
                       f"| … pool speed-up as a fraction of that ceiling | {pool['pool_efficiency']:.2f} |"]
     else:
-        local, pairs = result["in_process"], result.get("pairs", [])
+        local, pairs = result["in_process"], result["pairs"]
         mean = f" (mean of {len(pairs)} pairs)" if len(pairs) > 1 else ""
         lines += [f"# geoprune bench --job {result['job']}", "", "| figure | value |", "|---|---|",
                   f"| Ray: adaptive arm only, Ray start-up included (s){mean} | {result['ray_wall_s']:.1f} |",
                   f"| one process (adaptive_prune, {_threads(local['threads'])}) (s){mean} | "
-                  f"{result.get('in_process_wall_s', local['wall_s']):.1f} |",
+                  f"{result['in_process_wall_s']:.1f} |",
                   f"| **distribution overhead**: Ray / one process{mean} | **{result['distribution_overhead']:.2f}×** |"]
         if len(pairs) > 1:
             lines += [f"| … pair {i + 1} ({'Ray first' if i % 2 == 0 else 'one process first'}): Ray / one process (s) | "

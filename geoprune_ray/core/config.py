@@ -122,4 +122,3 @@ class PruneTarget:
 
 
 __all__ = ["MethodConfig", "PruneTarget", "TrainConfig", "finetune_defaults"]
-

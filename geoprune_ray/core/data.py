@@ -26,6 +26,13 @@ if TYPE_CHECKING:
 # torchvision is imported where it is needed (image folders, CIFAR, downloads, resizing): it costs a process about
 # 1.3 s of CPU, which every Ray worker of a run on in-memory data of the right size would pay for nothing.
 
+
+def _tf():
+    """torchvision's functional transforms, imported on first use."""
+    from torchvision.transforms.v2 import functional
+
+    return functional
+
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 _FASHION_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -111,11 +118,9 @@ class FolderImages(_Labelled):
         return (self.channels, self.size, self.size)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        from torchvision.transforms.v2 import functional as TF
-
         path, label = self.folder.samples[index]
-        image = TF.pil_to_tensor(self.folder.loader(path).convert("RGB"))
-        image = TF.resize(image, [self.size, self.size], antialias=True)
+        image = _tf().pil_to_tensor(self.folder.loader(path).convert("RGB"))
+        image = _tf().resize(image, [self.size, self.size], antialias=True)
         return _fit_channels(image[None], self.channels, self.name)[0], label
 
     def images_at(self, indices: Tensor) -> Tensor:
@@ -271,9 +276,7 @@ def _fit_channels(images: Tensor, channels: int, name: str) -> Tensor:
     if have == 1:
         return images.expand(-1, channels, -1, -1)
     if channels == 1:
-        from torchvision.transforms.v2 import functional as TF
-
-        return TF.rgb_to_grayscale(images)
+        return _tf().rgb_to_grayscale(images)
     raise GeopruneError(f"{name} has {have} channels but the model takes {channels}",
                         "build the model with in_channels=3")
 
@@ -291,9 +294,7 @@ def _fit_size(images: Tensor, size: int) -> Tensor:
     if h <= size and w <= size and size - min(h, w) <= min(h, w) // 4:  # 28 → 32: pad, as is customary
         top, left = (size - h) // 2, (size - w) // 2
         return torch.nn.functional.pad(images, (left, size - w - left, top, size - h - top))
-    from torchvision.transforms.v2 import functional as TF
-
-    return TF.resize(images, [size, size], antialias=True)
+    return _tf().resize(images, [size, size], antialias=True)
 
 
 def balanced_indices(labels: Tensor, num_classes: int, per_class: int, cap: int, seed: int) -> Tensor:

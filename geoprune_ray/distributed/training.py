@@ -53,6 +53,11 @@ class ArmJob:
     arm: Optional[str] = None
 
 
+def _weights(model: torch.nn.Module, history: list) -> dict[str, Any]:
+    """What a checkpoint and a hand-over hold: the weights on the CPU and the pruning history."""
+    return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history}
+
+
 def _checkpoint(model: torch.nn.Module, history: list, final: bool) -> tuple[Any, dict]:
     """A ``ray.train.Checkpoint`` of the weights and pruning history. Per-epoch ones upload in the background
     (ASYNC, deleted locally once uploaded), so they never block an epoch; the last one is uploaded before
@@ -60,8 +65,7 @@ def _checkpoint(model: torch.nn.Module, history: list, final: bool) -> tuple[Any
     import ray.train
 
     folder = tempfile.mkdtemp(prefix="geoprune-ckpt-")
-    torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history},
-               Path(folder) / CHECKPOINT_FILE)
+    torch.save(_weights(model, history), Path(folder) / CHECKPOINT_FILE)
     mode = ray.train.CheckpointUploadMode.SYNC if final else ray.train.CheckpointUploadMode.ASYNC
     return ray.train.Checkpoint.from_directory(folder), {"checkpoint_upload_mode": mode,
                                                          "delete_local_checkpoint_after_upload": True}
@@ -132,8 +136,7 @@ def _hand_over(run_id: str, key: str, model: torch.nn.Module, history: list, met
     the driver goes on while Ray Train tears the run down (2-3 s). Serialised here (``torch.save``), so the board
     never imports torch and the driver reads them ``weights_only``."""
     buffer = io.BytesIO()
-    torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history},
-               buffer)
+    torch.save(_weights(model, history), buffer)
     ray.get(ray.get_actor(board_name(run_id)).deliver.remote(key, {"payload": buffer.getvalue(), "metrics": metrics}))
 
 
@@ -146,7 +149,7 @@ def _worker_resources(scaling: Scaling) -> dict[str, float]:
 
 def fit(card: ModelCard, state_ref: Any, data_ref: Any, cfg: TrainConfig, scaling: Scaling, storage: str, name: str,
         arm: Optional[ArmJob] = None, progress: Optional[tuple[str, str]] = None,
-        teardowns: Optional[list[threading.Thread]] = None) -> tuple[dict[str, torch.Tensor], list, dict[str, Any]]:
+        teardowns: Optional[list["_Run"]] = None) -> tuple[dict[str, torch.Tensor], list, dict[str, Any]]:
     """Train the model ``state_ref`` holds through Ray Train: the baseline as it is, or, given ``arm``, a pruned copy
     (pruned, measured and fine-tuned on the worker). Returns the final weights, the pruning history and the last
     metrics.
@@ -221,7 +224,7 @@ def _fit_in_background(trainer: Any, run_id: str, key: str, name: str) -> tuple[
     return run, delivered
 
 
-def join_teardowns(teardowns: list[threading.Thread], timeout_s: float = 60.0) -> None:
+def join_teardowns(teardowns: list["_Run"], timeout_s: float = 60.0) -> None:
     """Wait for Ray Train runs whose results were handed over early to finish their teardown; an error there (the
     result is already safe) is logged, not raised."""
     while teardowns:
@@ -229,7 +232,7 @@ def join_teardowns(teardowns: list[threading.Thread], timeout_s: float = 60.0) -
         run.join(timeout_s)
         if run.is_alive():
             log.warning("Ray Train run %s is still tearing down after %.0f s; going on without it", run.name, timeout_s)
-        elif getattr(run, "error", None) is not None:
+        elif run.error is not None:
             log.warning("Ray Train run %s failed after handing its result over: %s", run.name,
                         str(run.error).splitlines()[0] if str(run.error) else repr(run.error))
 
