@@ -11,7 +11,8 @@ from geoprune_ray.core.config import TrainConfig
 from geoprune_ray.core.models import build_model
 from geoprune_ray.core.pruning import ModelCard
 from geoprune_ray.distributed.progress import Progress
-from geoprune_ray.distributed.training import Scaling, fit, join_teardowns, load_checkpoint
+from geoprune_ray.distributed.launch import fit, join_teardowns, load_checkpoint
+from geoprune_ray.distributed.scaling import Scaling
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +58,12 @@ def test_a_run_that_fails_before_the_hand_over_raises(launch):
 
 
 def test_processes_import_only_what_their_work_needs():
-    """A controller step's Tune trial imports no torch; the training module imports no torchvision (a convnet on
-    in-memory data needs none). Each of those costs a Ray process 1-2 s of CPU at start-up."""
-    code = ("import sys, geoprune_ray.distributed.trial; assert 'torch' not in sys.modules, 'trial'; "
+    """A Tune trial (a controller step's, or a fine-tune's that launches a run and reads its metrics) and Ray Train's
+    controller (which unpickles the loop's config, an ``ArmJob`` in it, and the loop by reference to ``launch``)
+    import no torch; the training module imports no torchvision (a convnet on in-memory data needs none). Each of
+    those costs a Ray process 1-2 s of CPU at start-up."""
+    code = ("import sys, geoprune_ray.distributed.trial, geoprune_ray.distributed.launch, "
+            "geoprune_ray.distributed.scaling; assert 'torch' not in sys.modules, 'trial'; "
             "import geoprune_ray.distributed.training; assert 'torchvision' not in sys.modules, 'training'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr.splitlines()[-1]

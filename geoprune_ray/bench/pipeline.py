@@ -21,7 +21,8 @@ from ..core.models import build_model
 from ..core.pruning import ModelCard
 from ..distributed.job import JobSpec
 from ..distributed.pipeline import run_job
-from ..distributed.training import Scaling, fit
+from ..distributed.launch import fit
+from ..distributed.scaling import Scaling
 from .core import synthetic_set
 
 

@@ -50,7 +50,8 @@ from .rundir import RunDir
 from .holder import PlanBoard, board_name
 from .searcher import RatioSearcher, on_converged
 from .sensitivity import by_group, submit_sensitivity
-from .training import Scaling, fit, join_teardowns, load_checkpoint
+from .launch import fit, join_teardowns, load_checkpoint
+from .scaling import Scaling
 from .trial import TrialContext, search_trial
 
 log = logging.getLogger("geoprune_ray")

@@ -1,9 +1,13 @@
-"""How a Ray Train run is scaled. Kept apart from ``training`` (which imports torch), so that a process that only
-passes a ``Scaling`` on, such as a controller step's Tune trial, never imports torch."""
+"""What a Ray Train run is given: how it is scaled and, for a fine-tune, its arm. Kept apart from ``training``
+(which imports torch), so that a process that only passes them on never imports torch: a controller step's Tune
+trial, and Ray Train's controller, which unpickles the training loop's config."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..core.config import PruneTarget
 
 
 @dataclass(frozen=True)
@@ -17,3 +21,17 @@ class Scaling:
     @property
     def torch_threads(self) -> int:
         return self.threads or max(1, int(self.cpus_per_worker))
+
+
+@dataclass(frozen=True)
+class ArmJob:
+    """What a fine-tune worker needs besides the base weights and the data: the arm's pruning and the
+    calibration set, to measure ΔG before and after fine-tuning where the model already is. Without ``ratios`` the
+    worker waits for its arm's plan on the run's plan board (``board``, ``arm``) once it has loaded everything."""
+
+    ratios: Any  # per-group dict, or one float; None: from the board
+    calibration_ref: Any  # ObjectRef of the Calibration
+    target: PruneTarget
+    bn_recalibration: bool = True
+    board: Optional[str] = None  # the PlanBoard's actor name
+    arm: Optional[str] = None

@@ -3,7 +3,7 @@ Train.
 
 A controller step asks one resident probe actor to prune with the allocation, recalibrate and
 measure ΔG, and reports at once: no model reload and no Ray Train launch. A fine-tune trial runs
-one arm: it launches a ``TorchTrainer`` inside the trial (DDP across workers), whose worker loads
+one arm: it launches a Ray Train run inside the trial (DDP across workers), whose worker loads
 the base model, the data and the calibration set, waits for its arm's ratios on the run's
 ``PlanBoard`` (a fine-tune handed out while the controller runs waits there until the driver has
 settled the arms), then prunes, measures ΔG and top-1 before, fine-tunes, and measures again.
@@ -15,17 +15,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import ray
 from ray import tune
 
 from ..core.config import PruneTarget
 from .holder import actor_name, board_name
-from .scaling import Scaling
-
-if TYPE_CHECKING:
-    from .training import ArmJob
+from .scaling import ArmJob, Scaling
 
 # What a trial imports up front is torch-free: a controller step's trial only calls a probe actor, so its process
 # starts in about a second; a fine-tune's imports torch, torch-pruning and Ray Train when it launches its run.
@@ -70,31 +67,26 @@ def pruning_trial(config: dict, ctx: TrialContext) -> None:
                  "pid": rec["pid"], "actor": rec["actor"], "ray_train": False, "started": started,
                  "finished": time.time()})
     if ctx.finetune_all and accepted:
-        from .training import ArmJob
-
         _finetune(ctx, started, "adaptive", ArmJob(config["ratios"], ctx.calibration_ref, ctx.target,
                                                    ctx.bn_recalibration), ctx.scaling, step=config["step"], r=config["r"])
 
 
 def finetune_trial(config: dict, ctx: TrialContext) -> None:
     """One arm's fine-tune; its ratios come from the run's plan board."""
-    from .training import ArmJob
-
     arm = config["arm"]
     job = ArmJob(None, ctx.calibration_ref, ctx.target, ctx.bn_recalibration, board=board_name(ctx.run_id), arm=arm)
     _finetune(ctx, time.time(), arm, job, ctx.arm_scaling or ctx.scaling)
 
 
-def _finetune(ctx: TrialContext, started: float, arm: str, job: "ArmJob", scaling: Scaling,
+def _finetune(ctx: TrialContext, started: float, arm: str, job: ArmJob, scaling: Scaling,
               step: Optional[int] = None, r: Optional[float] = None) -> None:
     from ..core.config import TrainConfig
-    from ..core.pruning import ModelCard
-    from .training import fit
+    from .launch import fit
 
     label = f"fine-tune {arm}" + (f" step {step}" if step is not None else "")
     name = f"finetune-{arm}" + (f"-step{step}" if step is not None else "") + f"-{os.getpid()}-{time.time_ns() % 10**6}"
-    _, _, metrics = fit(ModelCard.from_dict(ctx.card), ctx.state_ref, ctx.data_ref, TrainConfig.from_dict(ctx.finetune),
-                        scaling, ctx.train_storage, name=name, arm=job, progress=(ctx.run_id, label))
+    _, _, metrics = fit(ctx.card, ctx.state_ref, ctx.data_ref, TrainConfig.from_dict(ctx.finetune), scaling,
+                        ctx.train_storage, name=name, arm=job, progress=(ctx.run_id, label), weights=False)
     tune.report({"kind": "finetune", "arm": arm, "step": step, "r": metrics.get("r", r), "macs": metrics["macs"],
                  "params": metrics["params"], "delta_g": metrics["delta_g"], "ray_train": True,
                  "top1": metrics["top1"], "top1_before_finetune": metrics["top1_before_finetune"],

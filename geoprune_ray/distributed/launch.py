@@ -1,0 +1,180 @@
+"""Launching Ray Train runs: the baseline from the driver, every fine-tune from its Tune trial. The workers' side
+(``train_worker``) is in ``training``.
+
+Nothing here imports torch up front: a fine-tune's Tune trial launches its run and reads the result's metrics without
+it, and Ray Train's controller, which unpickles the loop's config, imports only Ray (``_trainer``). The baseline's
+weights come back to the driver, which has torch already.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import ray
+
+from ..core.config import TrainConfig
+from .progress import board_name
+from .scaling import ArmJob, Scaling
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..core.pruning import ModelCard
+
+CHECKPOINT_FILE = "model.pt"
+HANDOVER_POLL_S = 1.0  # how long one wait on the board lasts before the driver checks that the run still lives
+
+log = logging.getLogger("geoprune_ray")
+
+
+def _train_loop(config: dict) -> None:
+    """The workers' loop, by reference to this torch-free module: Ray Train's controller never imports ``training``."""
+    from .training import train_worker
+
+    train_worker(config)
+
+
+def _worker_resources(scaling: Scaling) -> dict[str, float]:
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker or 1.0
+    return resources
+
+
+def fit(card: "ModelCard | dict", state_ref: Any, data_ref: Any, cfg: TrainConfig, scaling: Scaling, storage: str,
+        name: str, arm: Optional[ArmJob] = None, progress: Optional[tuple[str, str]] = None,
+        teardowns: Optional[list["_Run"]] = None,
+        weights: bool = True) -> tuple[Optional[dict[str, "torch.Tensor"]], Optional[list], dict[str, Any]]:
+    """Train the model ``state_ref`` holds through Ray Train: the baseline as it is, or, given ``arm``, a pruned copy
+    (pruned, measured and fine-tuned on the worker). Returns the final weights, the pruning history and the last
+    metrics; with ``weights=False`` only the metrics (None, None, metrics), and this process never imports torch.
+
+    Given ``teardowns`` (and ``progress``, whose run's board carries the weights), a baseline returns as soon as its
+    worker has stored the final checkpoint and handed the weights over; Ray Train's teardown goes on in a thread,
+    appended to ``teardowns`` for the caller to join (``join_teardowns``). The metrics then lack
+    ``checkpoint_path``."""
+    # Train's controller learns that the workers have finished by polling them (every 2 s by default): an empty
+    # launch then ends 4.4 s after its worker did, 0.3 s when polled every 0.1 s (bench: train_launch_cost). Each
+    # poll is a call into the training process, so polling often slows its epochs on a small CPU: once a second.
+    # Ray Train hands the variable on to its controller; a user's own setting wins.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
+    handover = f"{name}-{uuid.uuid4().hex[:8]}" if teardowns is not None and progress and arm is None else None
+    trainer = _trainer({"card": card if isinstance(card, dict) else card.to_dict(), "state_ref": state_ref, "data_ref": data_ref, "arm": arm,
+                        "train": cfg.to_dict(), "threads": scaling.torch_threads, "progress": progress,
+                        "handover": handover}, scaling, storage, name)
+    if handover:
+        run, delivered = _fit_in_background(trainer, progress[0], handover, name)
+        if delivered is not None:
+            teardowns.append(run)
+            import torch
+
+            payload = torch.load(io.BytesIO(delivered["payload"]), map_location="cpu", weights_only=True)
+            return payload["state_dict"], payload["history"], delivered["metrics"]
+        result = run.result  # ended without handing over: read its checkpoint
+    else:
+        result = trainer.fit()
+    metrics = {**result.metrics, "checkpoint_path": result.checkpoint.path}
+    if not weights:
+        return None, None, metrics
+    payload = load_checkpoint(result.checkpoint)
+    return payload["state_dict"], payload["history"], metrics
+
+
+def _trainer(config: dict, scaling: Scaling, storage: str, name: str) -> Any:
+    """A Ray Train trainer running ``training.train_worker`` with ``config``, without the parts of a launch that the
+    pipeline does not use (bench: ``train_launch_cost``; BENCHMARKS.md §4):
+
+    - one worker gets no process group: it has no collectives, so a plain ``BackendConfig`` replaces
+      ``TorchConfig``, whose import (torch) and gloo set-up Train's controller and worker would otherwise pay;
+    - no ``DatasetsCallback``: it starts a ``DatasetManager`` actor per launch even without Ray datasets (data comes
+      through the object store here);
+    - no ``PlacementGroupCleanerCallback``: its detached actor (started on the launch's critical path, then polling
+      the controller's state every second) frees the workers' placement group if the controller dies while the
+      driver lives on. Here a failed launch fails the run, and the placement group goes with its driver's job.
+
+    Several workers get ``TorchConfig`` (gloo, NCCL on GPUs) for DDP. Ray is pinned (2.60): the callbacks are
+    filtered from Ray Train's own list (``_create_default_callbacks``), so any callback a later Ray adds is kept."""
+    from ray.train import BackendConfig, RunConfig, ScalingConfig
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    class _LeanTrainer(DataParallelTrainer):
+        def _create_default_callbacks(self) -> list:
+            unused = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unused)]
+
+    if scaling.workers > 1:
+        from ray.train.torch import TorchConfig
+
+        # NCCL where several GPU workers talk; gloo also starts where the cluster's GPUs are not real CUDA devices
+        # (the workers then train on the CPU).
+        backend = TorchConfig(backend="nccl" if scaling.use_gpu else "gloo")
+    else:
+        backend = BackendConfig()
+    return _LeanTrainer(_train_loop, train_loop_config=config, backend_config=backend,
+                        scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
+                                                     resources_per_worker=_worker_resources(scaling)),
+                        run_config=RunConfig(name=name, storage_path=storage))
+
+
+class _Run(threading.Thread):
+    """``trainer.fit()`` in a thread: its result, or the error it raised."""
+
+    def __init__(self, trainer: Any, name: str) -> None:
+        super().__init__(name=f"ray-train-{name}", daemon=True)
+        self.trainer, self.result, self.error = trainer, None, None
+
+    def run(self) -> None:
+        try:
+            self.result = self.trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by whoever waits for it
+            self.error = exc
+
+
+def _fit_in_background(trainer: Any, run_id: str, key: str, name: str) -> tuple[_Run, Optional[dict]]:
+    """Run ``trainer.fit()`` in a thread and wait for the worker's hand-over on the board: the thread and what was
+    handed over, None if the run ended without (its error, if any, is raised here)."""
+    run = _Run(trainer, name)
+    run.start()
+    board = ray.get_actor(board_name(run_id))
+    while True:
+        alive = run.is_alive()  # read before the last wait: a hand-over made just before the end is still seen
+        delivered = ray.get(board.take.remote(key, HANDOVER_POLL_S))
+        if delivered is not None or not alive:
+            break
+    if delivered is None:
+        run.join()
+        if run.error is not None:
+            raise run.error
+    return run, delivered
+
+
+def join_teardowns(teardowns: list["_Run"], timeout_s: float = 60.0) -> None:
+    """Wait for Ray Train runs whose results were handed over early to finish their teardown; an error there (the
+    result is already safe) is logged, not raised."""
+    while teardowns:
+        run = teardowns.pop()
+        run.join(timeout_s)
+        if run.is_alive():
+            log.warning("Ray Train run %s is still tearing down after %.0f s; going on without it", run.name, timeout_s)
+        elif run.error is not None:
+            log.warning("Ray Train run %s failed after handing its result over: %s", run.name,
+                        str(run.error).splitlines()[0] if str(run.error) else repr(run.error))
+
+
+def load_checkpoint(checkpoint: "ray.train.Checkpoint | str") -> dict[str, Any]:
+    """The weights and pruning history a worker saved (a Checkpoint, or its path), weights_only."""
+    import ray.train
+    import torch
+
+    if isinstance(checkpoint, str):
+        checkpoint = ray.train.Checkpoint(checkpoint)
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
