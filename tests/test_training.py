@@ -67,3 +67,32 @@ def test_processes_import_only_what_their_work_needs():
             "import geoprune_ray.distributed.training; assert 'torchvision' not in sys.modules, 'training'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr.splitlines()[-1]
+
+
+def test_a_launch_starts_no_actor_the_pipeline_does_not_use(launch, monkeypatch):
+    """No ``DatasetManager`` (no Ray datasets here), no placement-group cleaner, and, where the driver says the cluster
+    has no autoscaler, no requests to Ray Data's autoscaling coordinator; the run still trains and reports. A Tune
+    trial's launch reads only the metrics (``weights=False``: that process never imports torch)."""
+    from ray.train import ScalingConfig
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    from geoprune_ray.distributed.launch import NO_AUTOSCALER_ENV
+    from geoprune_ray.distributed.lean_train import LocalScalingPolicy, scaling_policy
+
+    fixed = FixedScalingPolicy(ScalingConfig(num_workers=1))
+    monkeypatch.delenv(NO_AUTOSCALER_ENV, raising=False)
+    assert scaling_policy(fixed) is fixed  # a cluster that may autoscale keeps Ray Train's own policy
+    monkeypatch.setenv(NO_AUTOSCALER_ENV, "1")
+    assert type(scaling_policy(fixed)) is LocalScalingPolicy
+
+    def dropped() -> list:  # from the GCS's actor table (the state API needs the dashboard, off in tests)
+        return [a["ActorClassName"] for a in ray._private.state.actors().values()
+                if a["ActorClassName"].split(".")[-1] in ("DatasetManager", "PlacementGroupCleaner")]
+
+    before = len(dropped())
+    card, state, data_ref, storage = launch
+    weights, history, metrics = fit(card.to_dict(), ray.put(state), data_ref, TrainConfig(epochs=1, batch_size=64),
+                                    Scaling(1, False, 0.5), storage, name="lean", weights=False)
+    assert weights is None and history is None
+    assert metrics["epoch"] == 1 and metrics["top1"] > 20 and metrics["checkpoint_path"]
+    assert len(dropped()) == before  # none of these actors was created, alive or dead

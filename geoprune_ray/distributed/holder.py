@@ -10,7 +10,7 @@ and holds refs, not copies; the driver owns the objects and keeps them alive.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import ray
 
@@ -48,32 +48,3 @@ def fetch(run_id: str) -> dict[str, Any]:
     """The shared objects themselves, in the calling worker."""
     refs = ray.get(ray.get_actor(holder_name(run_id)).get.remote())
     return dict(zip(refs, ray.get(list(refs.values()))))
-
-
-def board_name(run_id: str) -> str:
-    return f"geoprune-{run_id}-plans"
-
-
-@ray.remote(num_cpus=0)
-class PlanBoard:
-    """The arms' plans (ratios settled on the probe actors), awaited by fine-tunes launched before they exist: such a
-    fine-tune's Ray Train worker starts, loads the model, the data and the calibration set and measures G₀ while the
-    controller runs, then waits here for its arm. The driver publishes once (or an error, which every waiting
-    fine-tune raises)."""
-
-    def __init__(self) -> None:
-        import asyncio
-
-        self.plans: dict[str, Any] = {}
-        self.error: Optional[str] = None
-        self.ready = asyncio.Event()
-
-    async def publish(self, plans: dict[str, Any], error: Optional[str] = None) -> None:
-        self.plans, self.error = dict(plans), error
-        self.ready.set()
-
-    async def plan(self, arm: str) -> dict[str, Any]:
-        await self.ready.wait()
-        if self.error is not None:
-            raise RuntimeError(self.error)
-        return self.plans[arm]

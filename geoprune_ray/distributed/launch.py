@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from ..core.pruning import ModelCard
 
 CHECKPOINT_FILE = "model.pt"
+# "1" in every process of a Ray without an autoscaler: the driver of an embedded Ray sets it before starting it.
+NO_AUTOSCALER_ENV = "GEOPRUNE_NO_AUTOSCALER"
 HANDOVER_POLL_S = 1.0  # how long one wait on the board lasts before the driver checks that the run still lives
 
 log = logging.getLogger("geoprune_ray")
@@ -96,19 +98,14 @@ def _trainer(config: dict, scaling: Scaling, storage: str, name: str) -> Any:
       through the object store here);
     - no ``PlacementGroupCleanerCallback``: its detached actor (started on the launch's critical path, then polling
       the controller's state every second) frees the workers' placement group if the controller dies while the
-      driver lives on. Here a failed launch fails the run, and the placement group goes with its driver's job.
+      driver lives on. Here a failed launch fails the run, and the placement group goes with its driver's job;
+    - on an embedded Ray, no resource requests to an autoscaler it does not have: they go through an actor that
+      stays for the whole run (``lean_train.LocalScalingPolicy``).
 
-    Several workers get ``TorchConfig`` (gloo, NCCL on GPUs) for DDP. Ray is pinned (2.60): the callbacks are
-    filtered from Ray Train's own list (``_create_default_callbacks``), so any callback a later Ray adds is kept."""
+    Several workers get ``TorchConfig`` (gloo, NCCL on GPUs) for DDP."""
     from ray.train import BackendConfig, RunConfig, ScalingConfig
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    class _LeanTrainer(DataParallelTrainer):
-        def _create_default_callbacks(self) -> list:
-            unused = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
-            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unused)]
+    from .lean_train import LeanTrainer
 
     if scaling.workers > 1:
         from ray.train.torch import TorchConfig
@@ -118,10 +115,10 @@ def _trainer(config: dict, scaling: Scaling, storage: str, name: str) -> Any:
         backend = TorchConfig(backend="nccl" if scaling.use_gpu else "gloo")
     else:
         backend = BackendConfig()
-    return _LeanTrainer(_train_loop, train_loop_config=config, backend_config=backend,
-                        scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
-                                                     resources_per_worker=_worker_resources(scaling)),
-                        run_config=RunConfig(name=name, storage_path=storage))
+    return LeanTrainer(_train_loop, train_loop_config=config, backend_config=backend,
+                       scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
+                                                    resources_per_worker=_worker_resources(scaling)),
+                       run_config=RunConfig(name=name, storage_path=storage))
 
 
 class _Run(threading.Thread):

@@ -47,10 +47,9 @@ from .job import JobSpec
 from .probes import START_TIMEOUT_S, PoolSpec, ProbePool
 from .progress import Progress
 from .rundir import RunDir
-from .holder import PlanBoard, board_name
 from .searcher import RatioSearcher, on_converged
 from .sensitivity import by_group, submit_sensitivity
-from .launch import fit, join_teardowns, load_checkpoint
+from .launch import NO_AUTOSCALER_ENV, fit, join_teardowns, load_checkpoint
 from .scaling import Scaling
 from .trial import TrialContext, search_trial
 
@@ -76,13 +75,15 @@ def connect(address: Optional[str] = None) -> None:
     try:
         quiet = {"log_to_driver": False, "logging_level": logging.ERROR}  # progress is ours, one line per event
         if address:
+            os.environ.pop(NO_AUTOSCALER_ENV, None)  # a cluster may autoscale (this process may have embedded one)
             ray.init(address=address, **quiet)
         else:
             # One machine, no dashboard: Ray Train's preemption watcher (an actor per launch, waiting for nodes to be
-            # drained) and its metrics (exported for a dashboard) have nothing to do. The workers of an embedded Ray
-            # inherit this environment; a user's own setting wins.
+            # drained) and its metrics (exported for a dashboard) have nothing to do, and there is no autoscaler to
+            # ask for resources. The workers of an embedded Ray inherit this environment; a user's own setting wins.
             for name in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED"):
                 os.environ.setdefault(name, "0")
+            os.environ[NO_AUTOSCALER_ENV] = "1"
             ray.init(address="local", include_dashboard=False, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise GeopruneError(f"cannot connect to the Ray cluster at {address or 'local'}: {str(exc).splitlines()[0]}",
@@ -249,7 +250,7 @@ class Pipeline:
                            spec.finetune_config().to_dict(), data_ref, ray.put(model.state_dict()), calibration_ref,
                            target, cfg.bn_recalibration, self.run.uri("train"), res.scaling, spec.protocol.finetune_all,
                            arm_scaling)
-        board = PlanBoard.options(name=board_name(run_id)).remote()
+        board = progress.board  # the arms' plans go on the run's progress board
         if self.stage("arms"):  # a resumed run: its fine-tunes find the plans at once
             ray.get(board.publish.remote(self.stage("arms")["plans"]))
         # Early fine-tunes only where this driver is the cluster's only one (an embedded Ray): on a shared cluster
@@ -276,7 +277,6 @@ class Pipeline:
                               f"fine-tune(s) launched beside them, waiting for their arm's ratios")
         finally:
             on_converged(run_id, None)
-            ray.kill(board)
         if "error" in settled:
             raise settled["error"]
         if not self.stage("controller"):

@@ -4,7 +4,8 @@ Work that runs far from the driver (Ray Train workers inside Tune trials) posts 
 small named actor, the run's progress board; the driver drains it from a background thread.
 Work the driver waits on itself (probes, sensitivity tasks) is reported as its results arrive.
 The board also carries results handed over before the work that made them has ended (``deliver``,
-``take``): a Ray Train run's final weights, sent by its worker before the run's teardown.
+``take``): a Ray Train run's final weights, sent by its worker before the run's teardown; and the arms' plans
+(``publish``, ``plan``), awaited by fine-tunes launched before they exist.
 """
 
 from __future__ import annotations
@@ -26,13 +27,24 @@ def board_name(run_id: str) -> str:
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class ProgressBoard:
-    """Events in order, and values handed over by key (taken once). Async, so ``take`` can wait for a value without
-    holding up the posts."""
+    """Events in order, values handed over by key (taken once), and the arms' plans. Async, so ``take`` and ``plan``
+    can wait without holding up the posts.
+
+    A fine-tune launched while the controller runs starts its Ray Train worker, loads the model, the data and the
+    calibration set and measures G₀, then waits here for its arm's plan. The driver publishes once (or an error,
+    which every waiting fine-tune raises). A board that restarted has lost the plans: a fine-tune that asks it then
+    fails at once (resuming the run publishes them again) instead of waiting for ever."""
 
     def __init__(self) -> None:
         self.events: list[dict] = []
         self.values: dict[str, Any] = {}
         self.arrived = asyncio.Condition()
+        self.plans: dict[str, Any] = {}
+        self.plans_error: Optional[str] = None
+        self.published = asyncio.Event()
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            self.plans_error = "the run's progress board restarted and lost the arms' plans"
+            self.published.set()
 
     async def post(self, event: dict) -> None:
         self.events.append(event)
@@ -53,6 +65,16 @@ class ProgressBoard:
             except asyncio.TimeoutError:
                 return None
             return self.values.pop(key)
+
+    async def publish(self, plans: dict[str, Any], error: Optional[str] = None) -> None:
+        self.plans, self.plans_error = dict(plans), error
+        self.published.set()
+
+    async def plan(self, arm: str) -> dict[str, Any]:
+        await self.published.wait()
+        if self.plans_error is not None:
+            raise RuntimeError(self.plans_error)
+        return self.plans[arm]
 
 
 def post(run_id: Optional[str], **event: Any) -> None:

@@ -27,11 +27,11 @@ class Scaling:
 class ArmJob:
     """What a fine-tune worker needs besides the base weights and the data: the arm's pruning and the
     calibration set, to measure ΔG before and after fine-tuning where the model already is. Without ``ratios`` the
-    worker waits for its arm's plan on the run's plan board (``board``, ``arm``) once it has loaded everything."""
+    worker waits for its arm's plan on the run's progress board (``board``, ``arm``) once it has loaded everything."""
 
     ratios: Any  # per-group dict, or one float; None: from the board
     calibration_ref: Any  # ObjectRef of the Calibration
     target: PruneTarget
     bn_recalibration: bool = True
-    board: Optional[str] = None  # the PlanBoard's actor name
+    board: Optional[str] = None  # the name of the run's progress board, which carries the plans
     arm: Optional[str] = None

@@ -5,7 +5,7 @@
 waiting for anything else that trial does. Beside the steps it hands out the arms' fine-tune
 trials: ``prelaunch`` of them while the controller runs (their Ray Train workers start, load the
 model, the data and the calibration set, then wait for their arm's ratios on the run's
-``PlanBoard``), the rest once it has stopped, ``concurrent`` at a time. When the controller stops,
+progress board), the rest once it has stopped, ``concurrent`` at a time. When the controller stops,
 the driver's hook (registered with ``on_converged`` under the run's id) settles every arm on the
 probe actors and publishes the plans; the searcher returns ``Searcher.FINISHED`` once every arm's
 fine-tune has been handed out. (With the job option ``finetune_all`` each accepted step trial

@@ -5,7 +5,7 @@ A controller step asks one resident probe actor to prune with the allocation, re
 measure ΔG, and reports at once: no model reload and no Ray Train launch. A fine-tune trial runs
 one arm: it launches a Ray Train run inside the trial (DDP across workers), whose worker loads
 the base model, the data and the calibration set, waits for its arm's ratios on the run's
-``PlanBoard`` (a fine-tune handed out while the controller runs waits there until the driver has
+progress board (a fine-tune handed out while the controller runs waits there until the driver has
 settled the arms), then prunes, measures ΔG and top-1 before, fine-tunes, and measures again.
 Fine-tune trials need no actor, so the arms run side by side on what the search gave back.
 """
@@ -21,7 +21,8 @@ import ray
 from ray import tune
 
 from ..core.config import PruneTarget
-from .holder import actor_name, board_name
+from .holder import actor_name
+from .progress import board_name
 from .scaling import ArmJob, Scaling
 
 # What a trial imports up front is torch-free: a controller step's trial only calls a probe actor, so its process
@@ -72,7 +73,7 @@ def pruning_trial(config: dict, ctx: TrialContext) -> None:
 
 
 def finetune_trial(config: dict, ctx: TrialContext) -> None:
-    """One arm's fine-tune; its ratios come from the run's plan board."""
+    """One arm's fine-tune; its ratios come from the run's progress board."""
     arm = config["arm"]
     job = ArmJob(None, ctx.calibration_ref, ctx.target, ctx.bn_recalibration, board=board_name(ctx.run_id), arm=arm)
     _finetune(ctx, time.time(), arm, job, ctx.arm_scaling or ctx.scaling)
