@@ -47,7 +47,13 @@ def test_actor_delta_g_equals_in_process(setup, digits_model):
         for r, rec in zip(ratios, records):
             assert rec["delta_g"] == pytest.approx(measure(base, meter, r, TARGET).delta_g, abs=1e-4)
         assert len({rec["pid"] for rec in records}) >= 2
-        assert all(rec["device"] == "cpu" and rec["node"] for rec in records)
+        assert all(rec["device"] == "cpu" and rec["node"] and rec["threads"] == 1 for rec in records)
+        # A controller step runs alone on the pool: both actors are on this node's CPU, so it gets their two threads,
+        # for that call only.
+        assert pool.step_threads() == (2, 2)
+        step = ray.get(pool.actors[0].measure.remote(ratios[3], None, 2))
+        assert step["threads"] == 2 and step["delta_g"] == pytest.approx(records[3]["delta_g"], abs=1e-4)
+        assert ray.get(pool.actors[0].measure.remote(ratios[3]))["threads"] == 1
         assert ray.get(pool.actors[0].noise.remote(5, 0)) == pytest.approx(meter.noise(5, 0), abs=1e-6)
     # Restartable actors get no object-store arguments (Ray logs an error for those, ray issue 53727): this
     # driver's own log says so for every pool created in this session so far.

@@ -57,7 +57,7 @@ log = logging.getLogger("geoprune_ray")
 STATE = "state.json"
 EXPERIMENT = "controller"
 TRIAL_COLUMNS = ["trial_id", "kind", "arm", "step", "r", "delta_g", "accepted", "macs", "params", "ray_train",
-                 "top1", "top1_before_finetune", "delta_g_after", "pid", "actor", "train_device", "train_gpu_ids",
+                 "top1", "top1_before_finetune", "delta_g_after", "pid", "actor", "threads", "train_device", "train_gpu_ids",
                  "launched", "started", "finished"]
 
 
@@ -249,7 +249,7 @@ class Pipeline:
         ctx = TrialContext(run_id, spec.resources.probe_actors, budget, card.to_dict(),
                            spec.finetune_config().to_dict(), data_ref, ray.put(model.state_dict()), calibration_ref,
                            target, cfg.bn_recalibration, self.run.uri("train"), res.scaling, spec.protocol.finetune_all,
-                           arm_scaling)
+                           arm_scaling, pool.step_threads() if pool else ())
         board = progress.board  # the arms' plans go on the run's progress board
         if self.stage("arms"):  # a resumed run: its fine-tunes find the plans at once
             ray.get(board.publish.remote(self.stage("arms")["plans"]))

@@ -73,14 +73,22 @@ class ProbeActor:
         self.load()
         return self.meter.noise(splits, seed)
 
-    def measure(self, ratios: Mapping[str, float] | float, eval_set: Any = None) -> dict[str, Any]:
+    def measure(self, ratios: Mapping[str, float] | float, eval_set: Any = None, threads: int = 0) -> dict[str, Any]:
         """ΔG, MACs and params of the base pruned with ``ratios``, and who measured it; with ``eval_set``
-        also the recalibrated copy's top-1 on it (``top1``)."""
+        also the recalibrated copy's top-1 on it (``top1``). ``threads``: torch threads for this call only (a
+        controller step runs alone on the pool, see ``ProbePool.step_threads``)."""
         self.load()
-        res = measure(self.base, self.meter, ratios, self.target, eval_set)
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            used = torch.get_num_threads()
+            res = measure(self.base, self.meter, ratios, self.target, eval_set)
+        finally:
+            torch.set_num_threads(before)
         extra = {} if res.top1 is None else {"top1": res.top1}
         return {"delta_g": res.delta_g, "macs": res.macs, "params": res.params, "seconds": res.seconds,
-                **extra, **self.identity}
+                "threads": used, **extra, **self.identity}
 
     def speed(self, ratios: Mapping[str, float] | float, budget_s: float = 0.5) -> dict[str, Any]:
         """Inference speed of the base against its copy pruned with ``ratios`` on this actor's device (speed depends
@@ -165,6 +173,13 @@ class ProbePool:
         self.identities = ray.get([a.load.remote() for a in self.actors])
         log.info("%d probe actors ready: %s", len(self.actors),
                  ", ".join(f"pid {i['pid']} on {i['device']}" for i in self.identities))
+
+    def step_threads(self) -> tuple[int, ...]:
+        """Torch threads for a controller step on each actor. Steps come one at a time, so a step's actor has the
+        CPUs the whole pool used in the search stage (one thread per actor) on its node to itself, as the one-process
+        path has its threads; 0 (its own setting) for an actor on a GPU."""
+        nodes = [i["node"] for i in self.identities]
+        return tuple(0 if i["device"] != "cpu" else nodes.count(i["node"]) for i in self.identities)
 
     def submit(self, method: str, args: Sequence[tuple]) -> list[ray.ObjectRef]:
         order = spread(len(args), len(self.actors))

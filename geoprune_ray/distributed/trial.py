@@ -47,6 +47,7 @@ class TrialContext:
     scaling: Scaling = Scaling()  # a step's own fine-tune (finetune_all), beside the actors
     finetune_all: bool = False
     arm_scaling: Optional[Scaling] = None  # an arm's fine-tune (default: ``scaling``)
+    step_threads: tuple[int, ...] = ()  # torch threads of a step on each probe actor (``ProbePool.step_threads``)
 
 
 def search_trial(config: dict, ctx: TrialContext) -> None:
@@ -60,12 +61,14 @@ def search_trial(config: dict, ctx: TrialContext) -> None:
 def pruning_trial(config: dict, ctx: TrialContext) -> None:
     """A controller step the ``RatioSearcher`` suggested."""
     started = time.time()
-    actor = ray.get_actor(actor_name(ctx.run_id, config["step"] % ctx.actors))
-    rec = ray.get(actor.measure.remote(config["ratios"]))
+    index = config["step"] % ctx.actors
+    actor = ray.get_actor(actor_name(ctx.run_id, index))
+    rec = ray.get(actor.measure.remote(config["ratios"], None, ctx.step_threads[index] if ctx.step_threads else 0))
     accepted = rec["delta_g"] <= ctx.tau
     tune.report({"kind": "step", "arm": "step", "step": config["step"], "r": config["r"],
                  "delta_g": rec["delta_g"], "accepted": accepted, "macs": rec["macs"], "params": rec["params"],
-                 "pid": rec["pid"], "actor": rec["actor"], "ray_train": False, "started": started,
+                 "pid": rec["pid"], "actor": rec["actor"], "threads": rec["threads"], "ray_train": False,
+                 "started": started,
                  "finished": time.time()})
     if ctx.finetune_all and accepted:
         _finetune(ctx, started, "adaptive", ArmJob(config["ratios"], ctx.calibration_ref, ctx.target,
