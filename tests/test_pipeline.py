@@ -35,7 +35,11 @@ def test_artifacts_of_a_full_run(full_run):
     trials = pq.read_table(storage / "trials.parquet").to_pandas()
     steps = trials[trials["kind"] == "step"].sort_values("step")
     assert len(steps) >= 3 and not steps["ray_train"].any()  # controller steps never launch Ray Train
-    assert (steps["threads"] == 2).all()  # alone on the pool: the threads of both actors (one node, its CPU)
+    # a fine-tune was launched beside the steps (it starts up on the same two cores), so a step keeps its actor's one
+    # thread; alone, it would have both actors' (test_probes: ProbePool.step_threads)
+    assert (steps["threads"] == 1).all()
+    finetunes = trials[trials["kind"] == "finetune"]
+    assert (finetunes["launched"] < steps["finished"].max()).any()
     assert (~steps["accepted"].astype(bool)).any()
     for (_, a), (_, b) in zip(steps.iterrows(), steps.iloc[1:].iterrows()):  # the δ/γ rule
         assert b["r"] == pytest.approx(a["r"] + (0.05 if a["accepted"] else -0.025))
