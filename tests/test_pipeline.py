@@ -35,9 +35,9 @@ def test_artifacts_of_a_full_run(full_run):
     trials = pq.read_table(storage / "trials.parquet").to_pandas()
     steps = trials[trials["kind"] == "step"].sort_values("step")
     assert len(steps) >= 3 and not steps["ray_train"].any()  # controller steps never launch Ray Train
-    # a fine-tune was launched beside the steps (it starts up on the same two cores), so a step keeps its actor's one
-    # thread; alone, it would have both actors' (test_probes: ProbePool.step_threads)
-    assert (steps["threads"] == 1).all()
+    # a fine-tune was launched beside the steps: a step keeps its actor's one thread while that fine-tune starts up
+    # on the same two cores, and has both actors' once it waits for its plan (test_searcher: step_threads)
+    assert set(steps["threads"]) <= {1, 2}
     finetunes = trials[trials["kind"] == "finetune"]
     assert (finetunes["launched"] < steps["finished"].max()).any()
     assert (~steps["accepted"].astype(bool)).any()

@@ -73,3 +73,33 @@ def test_fine_tunes_launch_beside_the_steps_and_the_rest_after_the_hook():
         assert s.suggest("f3") == Searcher.FINISHED and calls == [0.225]  # the hook ran once
     finally:
         on_converged("run1", None)
+
+
+def test_a_step_takes_the_pools_threads_only_while_the_early_fine_tunes_wait(ray_cluster):
+    """A controller step gets the pool's threads (``ProbePool.step_threads``) where nothing else runs on those cores:
+    no fine-tune was launched beside the steps, or each one has started up and waits for its plan on the board."""
+    import dataclasses
+    import time
+
+    import ray
+
+    from geoprune_ray.core.config import PruneTarget
+    from geoprune_ray.distributed.progress import Progress
+    from geoprune_ray.distributed.trial import TrialContext, step_threads
+
+    progress = Progress("threads-test")
+    try:
+        ctx = TrialContext("threads-test", 2, 0.1, {}, {}, None, None, None, PruneTarget((1, 8, 8), 10), True, "",
+                           step_threads=(2, 2), early=1)
+        assert step_threads(ctx, 0) == 0  # the early fine-tune is still starting up: the actor's own threads
+        plan = progress.board.plan.remote("adaptive")  # it has loaded everything and waits for its plan
+        deadline = time.time() + 30
+        while ray.get(progress.board.waiting_for_plans.remote()) < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert step_threads(ctx, 1) == 2
+        ray.get(progress.board.publish.remote({"adaptive": {"r": 0.2}}))
+        assert ray.get(plan) == {"r": 0.2} and ray.get(progress.board.waiting_for_plans.remote()) == 0
+        assert step_threads(dataclasses.replace(ctx, early=0), 0) == 2  # nothing launched beside the steps
+        assert step_threads(dataclasses.replace(ctx, step_threads=()), 0) == 0  # finetune_all, or no pool
+    finally:
+        progress.close()

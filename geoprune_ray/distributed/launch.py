@@ -67,9 +67,9 @@ def fit(card: "ModelCard | dict", state_ref: Any, data_ref: Any, cfg: TrainConfi
     # Ray Train hands the variable on to its controller; a user's own setting wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
     handover = f"{name}-{uuid.uuid4().hex[:8]}" if teardowns is not None and progress and arm is None else None
-    trainer = _trainer({"card": card if isinstance(card, dict) else card.to_dict(), "state_ref": state_ref, "data_ref": data_ref, "arm": arm,
-                        "train": cfg.to_dict(), "threads": scaling.torch_threads, "progress": progress,
-                        "handover": handover}, scaling, storage, name)
+    trainer = _trainer({"card": card if isinstance(card, dict) else card.to_dict(), "state_ref": state_ref,
+                        "data_ref": data_ref, "arm": arm, "train": cfg.to_dict(), "threads": scaling.torch_threads,
+                        "progress": progress, "handover": handover}, scaling, storage, name)
     if handover:
         run, delivered = _fit_in_background(trainer, progress[0], handover, name)
         if delivered is not None:

@@ -57,8 +57,8 @@ log = logging.getLogger("geoprune_ray")
 STATE = "state.json"
 EXPERIMENT = "controller"
 TRIAL_COLUMNS = ["trial_id", "kind", "arm", "step", "r", "delta_g", "accepted", "macs", "params", "ray_train",
-                 "top1", "top1_before_finetune", "delta_g_after", "pid", "actor", "threads", "train_device", "train_gpu_ids",
-                 "launched", "started", "finished"]
+                 "top1", "top1_before_finetune", "delta_g_after", "pid", "actor", "threads", "train_device",
+                 "train_gpu_ids", "launched", "started", "finished"]
 
 
 _SOLE_DRIVER = [False]  # this driver runs on a Ray of its own (no address): no other run competes for its CPUs
@@ -250,14 +250,13 @@ class Pipeline:
         # another run's could take the CPUs this run's steps need while they wait for them.
         early = (prelaunch(res, pool.spec, arm_scaling, concurrent, ray.available_resources().get("CPU", 0.0))
                  if pool is not None and _SOLE_DRIVER[0] else 0)
-        # A step has the pool's threads to itself only where nothing starts or trains beside it: with a fine-tune
-        # starting up on the same cores, two threads stall each other (bench run 17: the controller took 17.6 s
-        # against 14.6 s with one).
-        alone = pool is not None and not early and not spec.protocol.finetune_all
+        # A step has the pool's threads to itself only while nothing starts or trains beside it (``step_threads``):
+        # never with ``finetune_all``, whose steps fine-tune beside the next ones.
+        alone = pool is not None and not spec.protocol.finetune_all
         ctx = TrialContext(run_id, spec.resources.probe_actors, budget, card.to_dict(),
                            spec.finetune_config().to_dict(), data_ref, ray.put(model.state_dict()), calibration_ref,
                            target, cfg.bn_recalibration, self.run.uri("train"), res.scaling, spec.protocol.finetune_all,
-                           arm_scaling, pool.step_threads() if alone else ())
+                           arm_scaling, pool.step_threads() if alone else (), early)
         board = progress.board  # the arms' plans go on the run's progress board
         if self.stage("arms"):  # a resumed run: its fine-tunes find the plans at once
             ray.get(board.publish.remote(self.stage("arms")["plans"]))

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import threading
 import time
+import warnings
 from typing import Any, Optional, Sequence
 
 import ray
@@ -42,7 +43,11 @@ class ProgressBoard:
         self.plans: dict[str, Any] = {}
         self.plans_error: Optional[str] = None
         self.published = asyncio.Event()
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        self.waiting = 0  # fine-tunes that have loaded everything and wait for their plan
+        with warnings.catch_warnings():  # Ray's own property calls a deprecated getter of its own
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
+        if restarted:
             self.plans_error = "the run's progress board restarted and lost the arms' plans"
             self.published.set()
 
@@ -71,10 +76,18 @@ class ProgressBoard:
         self.published.set()
 
     async def plan(self, arm: str) -> dict[str, Any]:
-        await self.published.wait()
+        self.waiting += 1
+        try:
+            await self.published.wait()
+        finally:
+            self.waiting -= 1
         if self.plans_error is not None:
             raise RuntimeError(self.plans_error)
         return self.plans[arm]
+
+    async def waiting_for_plans(self) -> int:
+        """How many fine-tunes wait for their plan now (their start-up done, idle until the driver publishes)."""
+        return self.waiting
 
 
 def post(run_id: Optional[str], **event: Any) -> None:

@@ -48,6 +48,7 @@ class TrialContext:
     finetune_all: bool = False
     arm_scaling: Optional[Scaling] = None  # an arm's fine-tune (default: ``scaling``)
     step_threads: tuple[int, ...] = ()  # torch threads of a step on each probe actor (``ProbePool.step_threads``)
+    early: int = 0  # fine-tunes launched beside the steps
 
 
 def search_trial(config: dict, ctx: TrialContext) -> None:
@@ -63,7 +64,7 @@ def pruning_trial(config: dict, ctx: TrialContext) -> None:
     started = time.time()
     index = config["step"] % ctx.actors
     actor = ray.get_actor(actor_name(ctx.run_id, index))
-    rec = ray.get(actor.measure.remote(config["ratios"], None, ctx.step_threads[index] if ctx.step_threads else 0))
+    rec = ray.get(actor.measure.remote(config["ratios"], None, step_threads(ctx, index)))
     accepted = rec["delta_g"] <= ctx.tau
     tune.report({"kind": "step", "arm": "step", "step": config["step"], "r": config["r"],
                  "delta_g": rec["delta_g"], "accepted": accepted, "macs": rec["macs"], "params": rec["params"],
@@ -73,6 +74,23 @@ def pruning_trial(config: dict, ctx: TrialContext) -> None:
     if ctx.finetune_all and accepted:
         _finetune(ctx, started, "adaptive", ArmJob(config["ratios"], ctx.calibration_ref, ctx.target,
                                                    ctx.bn_recalibration), ctx.scaling, step=config["step"], r=config["r"])
+
+
+def step_threads(ctx: TrialContext, index: int) -> int:
+    """Torch threads for a step on probe actor ``index``: the pool's on its node (steps come one at a time) where
+    nothing else runs on those cores, i.e. no fine-tune was launched beside the steps or every such fine-tune has
+    started up and waits for its plan; else 0, the actor's own. A fine-tune starting up beside a step with two
+    threads made both slower on 2 cores (bench run 17)."""
+    if not ctx.step_threads:
+        return 0
+    if ctx.early:
+        try:
+            waiting = ray.get(ray.get_actor(board_name(ctx.run_id)).waiting_for_plans.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - no board, or it does not answer: the actor's own threads
+            return 0
+        if waiting < ctx.early:
+            return 0
+    return ctx.step_threads[index]
 
 
 def finetune_trial(config: dict, ctx: TrialContext) -> None:

@@ -1,0 +1,69 @@
+"""What idle Ray actors cost a training process on a small CPU: training steps timed alone and with N idle actors
+alive, in turns (BENCHMARKS.md §4). Every Ray worker process wakes its main thread about 100 times a second; with
+as many training threads as cores, each wake-up can stall an OpenMP barrier.
+
+    python bench/idle_actors.py                 # 8 idle actors, 4 rounds of 60 steps each way, 2 threads
+    python bench/idle_actors.py --actors 4 --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import ray
+import torch
+
+from geoprune_ray.core.models import build_model
+
+
+@ray.remote(num_cpus=0)
+class Idle:
+    def ping(self) -> int:
+        return 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--actors", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build_model("convnet", 10, 1, 0.25)  # the quickstart's model, at its batch size
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
+
+    def timed() -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(args.steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    timed()  # warm-up
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    runs: dict[str, list] = {"alone": [], "idle_actors": []}
+    for _ in range(args.rounds):
+        runs["alone"].append(timed())
+        actors = [Idle.remote() for _ in range(args.actors)]
+        ray.get([a.ping.remote() for a in actors])
+        time.sleep(2)
+        runs["idle_actors"].append(timed())
+        for a in actors:
+            ray.kill(a)
+        time.sleep(2)
+    mean = {k: [sum(r[i] for r in v) / len(v) for i in (0, 1)] for k, v in runs.items()}
+    (alone_wall, alone_cpu), (with_wall, with_cpu) = mean["alone"], mean["idle_actors"]
+    print(json.dumps({"actors": args.actors, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
+                      "alone_wall_s": round(alone_wall, 2), "with_actors_wall_s": round(with_wall, 2),
+                      "slowdown": round(with_wall / alone_wall, 3),
+                      "alone_cpu_s": round(alone_cpu, 2), "with_actors_cpu_s": round(with_cpu, 2)}))
+
+
+if __name__ == "__main__":
+    main()
