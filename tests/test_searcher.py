@@ -93,6 +93,8 @@ def test_a_step_takes_the_pools_threads_only_while_the_early_fine_tunes_wait(ray
                            step_threads=(2, 2), early=1)
         assert step_threads(ctx, 0) == 0  # the early fine-tune is still starting up: the actor's own threads
         plan = progress.board.plan.remote("adaptive")  # it has loaded everything and waits for its plan
+        # a readiness wait, not a speed claim: an async actor need not start one caller's calls in order, so the count
+        # is read until the plan call has begun (30 s only bounds a hung board)
         deadline = time.time() + 30
         while ray.get(progress.board.waiting_for_plans.remote()) < 1 and time.time() < deadline:
             time.sleep(0.05)

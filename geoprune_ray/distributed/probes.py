@@ -12,7 +12,6 @@ import copy
 import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -26,6 +25,7 @@ from ..core.pruning import macs_params, prune_copy
 from ..core.speed import compare_speed
 from ..errors import GeopruneError
 from .holder import SharedObjects, actor_name, fetch, holder_name, share
+from .progress import restarted
 
 log = logging.getLogger("geoprune_ray")
 MAX_RESTARTS = 3
@@ -46,13 +46,10 @@ class ProbeActor:
             torch.zeros(1, device=self.device)
         self.meter: Optional[GeometryMeter] = None
         ctx = ray.get_runtime_context()
-        with warnings.catch_warnings():  # Ray's own property calls a deprecated getter of its own
-            warnings.simplefilter("ignore", DeprecationWarning)
-            restarted = bool(ctx.was_current_actor_reconstructed)
         self.identity = {"pid": os.getpid(), "node": ctx.get_node_id()[:12], "device": str(self.device),
                          "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
                          "actor": ctx.get_actor_name() or ctx.get_actor_id()[:12],
-                         "restarted": restarted}
+                         "restarted": restarted()}
 
     def load(self) -> dict[str, Any]:
         """Fetch the base model and calibration set by the run's name (not as arguments: a restarted actor

@@ -22,6 +22,13 @@ import ray
 log = logging.getLogger("geoprune_ray")
 
 
+def restarted() -> bool:
+    """Whether the calling actor is a restart of one that died (Ray's own property calls a deprecated getter)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
 def board_name(run_id: str) -> str:
     return f"geoprune-{run_id}-progress"
 
@@ -44,10 +51,7 @@ class ProgressBoard:
         self.plans_error: Optional[str] = None
         self.published = asyncio.Event()
         self.waiting = 0  # fine-tunes that have loaded everything and wait for their plan
-        with warnings.catch_warnings():  # Ray's own property calls a deprecated getter of its own
-            warnings.simplefilter("ignore", DeprecationWarning)
-            restarted = bool(ray.get_runtime_context().was_current_actor_reconstructed)
-        if restarted:
+        if restarted():
             self.plans_error = "the run's progress board restarted and lost the arms' plans"
             self.published.set()
 
