@@ -89,19 +89,43 @@ def test_a_step_takes_the_pools_threads_only_while_the_early_fine_tunes_wait(ray
 
     progress = Progress("threads-test")
     try:
-        ctx = TrialContext("threads-test", 2, 0.1, {}, {}, None, None, None, PruneTarget((1, 8, 8), 10), True, "",
-                           step_threads=(2, 2), early=1)
-        assert step_threads(ctx, 0) == 0  # the early fine-tune is still starting up: the actor's own threads
+        ctx = TrialContext("threads-test", 2, {}, {}, None, None, None, PruneTarget((1, 8, 8), 10), True, "",
+                           early=1)
+        assert step_threads(ctx, (2, 2), 0) == 0  # the early fine-tune is still starting up: the actor's own threads
         plan = progress.board.plan.remote("adaptive")  # it has loaded everything and waits for its plan
         # a readiness wait, not a speed claim: an async actor need not start one caller's calls in order, so the count
         # is read until the plan call has begun (30 s only bounds a hung board)
         deadline = time.time() + 30
         while ray.get(progress.board.waiting_for_plans.remote()) < 1 and time.time() < deadline:
             time.sleep(0.05)
-        assert step_threads(ctx, 1) == 2
+        assert step_threads(ctx, (2, 2), 1) == 2
         ray.get(progress.board.publish.remote({"adaptive": {"r": 0.2}}))
         assert ray.get(plan) == {"r": 0.2} and ray.get(progress.board.waiting_for_plans.remote()) == 0
-        assert step_threads(dataclasses.replace(ctx, early=0), 0) == 2  # nothing launched beside the steps
-        assert step_threads(dataclasses.replace(ctx, step_threads=()), 0) == 0  # finetune_all, or no pool
+        assert step_threads(dataclasses.replace(ctx, early=0), (2, 2), 0) == 2  # nothing launched beside the steps
+        assert step_threads(ctx, (), 0) == 0  # finetune_all, or no pool
     finally:
         progress.close()
+
+
+def test_the_experiment_starts_before_tau_and_waits_for_the_provided_controller():
+    """A searcher made without a controller (the experiment starts beside the search stage) hands out its early
+    fine-tune, then nothing until the driver provides the controller; steps then carry τ and the pool's threads. A
+    failed search ends the experiment."""
+    from geoprune_ray.distributed.searcher import provide
+
+    s = RatioSearcher(arms=["adaptive"], prelaunch=1, run_id="run2")
+    try:
+        assert s.suggest("f0") == {"kind": "finetune", "arm": "adaptive"}  # beside the search
+        assert s.suggest("t0") is None  # no controller yet
+        provide("run2", Controller(budget=0.1, r=0.2), BUDGETS, CHANNELS, pool_threads=(2, 2))
+        step = s.suggest("t0")
+        assert (step["kind"], step["r"], step["tau"], step["pool_threads"]) == ("step", 0.2, 0.1, [2, 2])
+        assert set(step["ratios"]) == {"a", "b"}
+    finally:
+        provide("run2")
+    failed = RatioSearcher(arms=["adaptive"], run_id="run3")
+    try:
+        provide("run3", error="the search stage failed: boom")
+        assert failed.suggest("t0") == Searcher.FINISHED
+    finally:
+        provide("run3")

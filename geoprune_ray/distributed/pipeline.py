@@ -25,6 +25,7 @@ import math
 import os
 import socket
 import tempfile
+import threading
 import time
 import unittest.mock
 import uuid
@@ -47,7 +48,7 @@ from .job import JobSpec
 from .probes import START_TIMEOUT_S, PoolSpec, ProbePool
 from .progress import Progress
 from .rundir import RunDir
-from .searcher import RatioSearcher, on_converged
+from .searcher import RatioSearcher, on_converged, provide
 from .sensitivity import by_group, submit_sensitivity
 from .launch import NO_AUTOSCALER_ENV, fit, join_teardowns, load_checkpoint
 from .scaling import Scaling
@@ -225,61 +226,89 @@ class Pipeline:
         base_macs, base_params = macs_params(model, card.input_shape)
         groups = dependency_groups(model, card.input_shape, card.num_classes)
         channels = {g.name: g.channels for g in groups}
+
+        # 3-6. One Tune experiment starts now, beside the search stage (G_noise, probes and sensitivity at the same
+        # time → τ, τ_L), which runs in a thread of this driver: Tune's start and the early fine-tunes' Ray Train
+        # start-up overlap the search instead of the controller's steps. The searcher hands out those fine-tunes
+        # (they load everything, then wait for their arm's ratios on the progress board) and waits for its
+        # controller, which the search provides; the steps are answered by the actors. When the controller stops,
+        # the hook settles every arm on the actors, publishes the plans and gives the actors back, and the other
+        # fine-tunes follow on what they held.
         if pool is not None:
-            pool.load(model, calibration)
-            self._span("actors", pool_started)
-
-        # 3. G_noise, probes and sensitivity at the same time → τ, τ_L
-        if not self.stage("probes") or not self.stage("sensitivity"):
-            self._search(pool, model, test_set, target, channels, base_macs, progress, res.gpus_per_task)
-        probes = self.run.read_table("probes.parquet")
-        noise, budget = self.stage("probes")["g_noise"], self.stage("probes")["tau"]
-        sens = self.stage("sensitivity")["delta_g"]
-        budgets = protocol.group_budgets(budget, sens, noise, cfg)
-        log.info("G_noise = %.4f, τ = %.4f", noise, budget)
-
-        # 4-6. one Tune experiment: the controller's steps (answered by the actors) and the arms' fine-tunes (Ray
-        # Train). Fine-tunes that fit beside the actors are launched while the controller runs and wait for their
-        # arm's ratios; when it stops, the hook settles every arm on the actors, publishes the plans and gives the
-        # actors back, and the other fine-tunes follow on what they held.
+            pool.hand(model, calibration)  # the actors fetch them (and measure G₀) while the experiment starts
         calibration_ref = pool.shared["calibration"] if pool else ray.put(calibration)  # the actors' copy, reused
         arms_wanted = list(spec.protocol.arms)
         concurrent = side_by_side(res, len(arms_wanted))
         arm_scaling = finetune_scaling(res, concurrent)
         # Early fine-tunes only where this driver is the cluster's only one (an embedded Ray): on a shared cluster
-        # another run's could take the CPUs this run's steps need while they wait for them.
-        early = (prelaunch(res, pool.spec, arm_scaling, concurrent, ray.available_resources().get("CPU", 0.0))
-                 if pool is not None and _SOLE_DRIVER[0] else 0)
-        # A step has the pool's threads to itself only while nothing starts or trains beside it (``step_threads``):
-        # never with ``finetune_all``, whose steps fine-tune beside the next ones.
-        alone = pool is not None and not spec.protocol.finetune_all
-        ctx = TrialContext(run_id, spec.resources.probe_actors, budget, card.to_dict(),
+        # another run's could take the CPUs this run's steps need while they wait for them. They count on what the
+        # actors leave of the cluster: the search's tasks and the baseline's teardown give theirs back (an early
+        # fine-tune waits for them, beside the search).
+        free = ray.cluster_resources().get("CPU", 0.0) - (pool.spec.actors * pool.spec.cpus_per_actor if pool else 0)
+        early = prelaunch(res, pool.spec, arm_scaling, concurrent, free) if pool is not None and _SOLE_DRIVER[0] else 0
+        ctx = TrialContext(run_id, spec.resources.probe_actors, card.to_dict(),
                            spec.finetune_config().to_dict(), data_ref, ray.put(model.state_dict()), calibration_ref,
                            target, cfg.bn_recalibration, self.run.uri("train"), res.scaling, spec.protocol.finetune_all,
-                           arm_scaling, pool.step_threads() if alone else (), early)
+                           arm_scaling, early)
         board = progress.board  # the arms' plans go on the run's progress board
         if self.stage("arms"):  # a resumed run: its fine-tunes find the plans at once
             ray.get(board.publish.remote(self.stage("arms")["plans"]))
-        started = time.time()
+        found: dict[str, Any] = {}  # what the search stage found, for the hook and the artifacts
         settled: dict[str, Any] = {}
-        hook = self._converged_hook(pool, board, budget, budgets, channels, base_macs, base_params, started,
-                                    arms_wanted, settled)
+        hook = self._converged_hook(pool, board, found, channels, base_macs, base_params, arms_wanted, settled)
+
+        def search() -> None:
+            try:
+                if pool is not None:
+                    pool.wait_loaded()
+                    self._span("actors", pool_started)
+                if not self.stage("probes") or not self.stage("sensitivity"):
+                    self._search(pool, model, test_set, target, channels, base_macs, progress, res.gpus_per_task)
+                probes = self.run.read_table("probes.parquet")
+                noise, budget = self.stage("probes")["g_noise"], self.stage("probes")["tau"]
+                sens = self.stage("sensitivity")["delta_g"]
+                budgets = protocol.group_budgets(budget, sens, noise, cfg)
+                log.info("G_noise = %.4f, τ = %.4f", noise, budget)
+                if self.stage("controller"):  # recorded when it stopped: the experiment only hands out fine-tunes
+                    controller = replay_controller(protocol.new_controller(cfg, probes, budget),
+                                                   self.stage("controller")["trials"])
+                else:
+                    controller = protocol.new_controller(cfg, probes, budget)
+                    log.info("stage controller: controller steps as Tune trials (τ = %.4f)", budget)
+                found.update(probes=probes, noise=noise, budget=budget, sens=sens, budgets=budgets,
+                             started=time.time())
+                # A step has the pool's threads to itself only while nothing starts or trains beside it
+                # (``trial.step_threads``): never with ``finetune_all``, whose steps fine-tune beside the next ones.
+                alone = pool is not None and pool.actors and not spec.protocol.finetune_all
+                provide(run_id, controller, budgets, channels, pool_threads=pool.step_threads() if alone else ())
+            except BaseException as exc:  # noqa: BLE001 - raised by the driver once Tune has stopped
+                found["error"] = exc
+                first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+                provide(run_id, error=first)
+                board.publish.remote({}, f"the search stage failed: {first}")
+
         on_converged(run_id, hook)
+        searching = threading.Thread(target=search, name="geoprune-search", daemon=True)
         try:
-            if self.stage("controller"):  # recorded when it stopped: a new experiment only hands out fine-tunes
-                controller = replay_controller(protocol.new_controller(cfg, probes, budget),
-                                               self.stage("controller")["trials"])
-            else:
-                controller = protocol.new_controller(cfg, probes, budget)
-            searcher = RatioSearcher(controller, budgets, channels, cfg.r_max, arms=arms_wanted,
-                                     concurrent=concurrent, prelaunch=early, run_id=run_id)
+            searcher = RatioSearcher(arms=arms_wanted, r_max=cfg.r_max, concurrent=concurrent, prelaunch=early,
+                                     run_id=run_id)
+            searching.start()
             rows = self._tune(EXPERIMENT, tune.with_parameters(search_trial, ctx=ctx),
                               tune.TuneConfig(search_alg=searcher, num_samples=-1,
                                               max_concurrent_trials=max(8, concurrent + 2), reuse_actors=True),
-                              f"controller steps as Tune trials (τ = {budget:.4f}); {early} of {len(arms_wanted)} "
-                              f"fine-tune(s) launched beside them, waiting for their arm's ratios")
+                              f"the Tune experiment starts beside the search: its controller steps follow once τ is "
+                              f"known; {early} of {len(arms_wanted)} fine-tune(s) launched early, waiting for their "
+                              f"arm's ratios")
+            if searching.is_alive():  # Tune stopped (Ctrl-C) before the search ended: the actors' shutdown ends it
+                raise Interrupted("the run stopped during the search stage",
+                                  f"run the same command again to resume from {self.run.location}")
         finally:
             on_converged(run_id, None)
+            provide(run_id)
+        if "error" in found:
+            raise found["error"]
+        probes, noise, budget, sens, budgets = (found[k] for k in ("probes", "noise", "budget", "sens", "budgets"))
+        started = found["started"]
         if "error" in settled:
             raise settled["error"]
         if not self.stage("controller"):
@@ -307,8 +336,7 @@ class Pipeline:
         return self._artifacts(res, model, train_set, test_set, card, calibration, probes, groups, channels, sens,
                                budgets, noise, budget, ctl, plans, arms, trials, base_macs, base_params)
 
-    def _converged_hook(self, pool, board, budget, budgets, channels, base_macs, base_params, started, arms_wanted,
-                        settled: dict):
+    def _converged_hook(self, pool, board, found: dict, channels, base_macs, base_params, arms_wanted, settled: dict):
         """What the searcher calls (in this driver, from Tune's loop) once the controller has stopped: record it,
         settle every arm's ratios on the actors and time the speed there, publish the plans to the waiting
         fine-tunes, and give the actors back. An error is kept in ``settled`` (the fine-tunes fail on the board) and
@@ -317,8 +345,9 @@ class Pipeline:
 
         def hook(ctl: Controller) -> None:
             try:
+                budget, budgets = found["budget"], found["budgets"]
                 if not self.stage("controller"):
-                    self._done("controller", started, trials=[
+                    self._done("controller", found["started"], trials=[
                         {"trial_id": s.get("trial_id"), "kind": "step", "arm": "step", "step": s["step"], "r": s["r"],
                          "delta_g": s["delta_g"], "accepted": s["accepted"], "macs": s.get("macs"),
                          "params": s.get("params"), "pid": s.get("pid")} for s in ctl.steps if s.get("measured")])

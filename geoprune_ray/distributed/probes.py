@@ -149,9 +149,18 @@ class ProbePool:
 
     def load(self, base: nn.Module, calibration: Calibration) -> None:
         """Hand the actors the base model and calibration set and wait until every one holds them (and G₀)."""
+        self.hand(base, calibration)
+        self.wait_loaded()
+
+    def hand(self, base: nn.Module, calibration: Calibration) -> None:
+        """Put the base model and calibration set where the actors fetch them (``shared``: their object refs); returns
+        at once."""
         # One copy of each in the object store, read by every actor (and the sensitivity tasks); the driver owns them.
         self.shared = share(base, calibration)
         self.holder = SharedObjects.options(name=holder_name(self.run_id)).remote(self.shared)
+
+    def wait_loaded(self) -> None:
+        """Wait until every actor has started and holds the base model, the calibration set and G₀."""
         # Placed and started within the start timeout, counted from their creation (a long baseline has used it up
         # long since the actors started: a running actor answers at once, so a few seconds always remain).
         started = [a.info.remote() for a in self.actors]

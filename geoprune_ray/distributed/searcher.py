@@ -5,7 +5,9 @@
 waiting for anything else that trial does. Beside the steps it hands out the arms' fine-tune
 trials: ``prelaunch`` of them while the controller runs (their Ray Train workers start, load the
 model, the data and the calibration set, then wait for their arm's ratios on the run's
-progress board), the rest once it has stopped, ``concurrent`` at a time. When the controller stops,
+progress board), the rest once it has stopped, ``concurrent`` at a time. The experiment can start before
+τ is known: a searcher made without a controller hands out its early fine-tunes and waits for the
+controller the driver provides (``provide``, under the run's id) once the search stage ends. When the controller stops,
 the driver's hook (registered with ``on_converged`` under the run's id) settles every arm on the
 probe actors and publishes the plans; the searcher returns ``Searcher.FINISHED`` once every arm's
 fine-tune has been handed out. (With the job option ``finetune_all`` each accepted step trial
@@ -29,6 +31,8 @@ log = logging.getLogger("geoprune_ray")
 # run id → the driver's hook, called (in the driver, from Tune's loop) once the controller has stopped. A module-level
 # registry, not an attribute: the searcher is pickled with the experiment, and a restored one finds the new driver's.
 _CONVERGED: dict[str, Callable[[Controller], None]] = {}
+# run id → what the driver's search stage found: the controller, the groups' budgets and channels, or its error
+_PROVIDED: dict[str, dict[str, Any]] = {}
 
 
 def on_converged(run_id: str, hook: Optional[Callable[[Controller], None]]) -> None:
@@ -37,6 +41,20 @@ def on_converged(run_id: str, hook: Optional[Callable[[Controller], None]]) -> N
         _CONVERGED.pop(run_id, None)
     else:
         _CONVERGED[run_id] = hook
+
+
+def provide(run_id: str, controller: Optional[Controller] = None, budgets: Optional[Mapping[str, float]] = None,
+            channels: Optional[Mapping[str, int]] = None, error: Optional[str] = None,
+            pool_threads: Sequence[int] = ()) -> None:
+    """Hand the searcher of ``run_id`` (made without a controller) its controller, once the search stage has found τ,
+    and the torch threads a step may take on each probe actor (``ProbePool.step_threads``); or the search's ``error``,
+    which ends the experiment. ``provide(run_id)`` alone drops the entry."""
+    if controller is None and error is None:
+        _PROVIDED.pop(run_id, None)
+    else:
+        _PROVIDED[run_id] = {"controller": controller.to_dict() if controller else None,
+                             "budgets": dict(budgets or {}), "channels": dict(channels or {}), "error": error,
+                             "pool_threads": list(pool_threads)}
 
 
 class RatioSearcher(Searcher):
@@ -56,6 +74,7 @@ class RatioSearcher(Searcher):
         self.concurrent = max(1, concurrent)  # fine-tunes at once once the controller has stopped
         self.prelaunch = max(0, min(prelaunch, self.concurrent))  # … and while it runs
         self.run_id = run_id
+        self.pool_threads: list[int] = []  # a step's torch threads on each probe actor, where it runs alone
         self.notified = False  # the driver's hook has run (the plans are published)
         self.trials: dict[str, dict[str, Any]] = {}  # trial id → the config it was given
         self.observed: set[str] = set()
@@ -66,11 +85,23 @@ class RatioSearcher(Searcher):
     def _ctl(self) -> Controller:
         return Controller.from_dict(self.controller)
 
+    def _provided(self) -> Optional[bool]:
+        """True once the searcher has its controller (given, restored, or provided by the driver); None when the
+        driver's search failed; False while it runs."""
+        if self.controller is None and self.run_id and self.run_id in _PROVIDED:
+            given = _PROVIDED[self.run_id]
+            if given["error"] is not None:
+                return None
+            self.controller, self.budgets, self.channels = given["controller"], given["budgets"], given["channels"]
+            self.pool_threads = given["pool_threads"]
+        return self.controller is not None
+
     def _waiting(self) -> bool:
         return any(cfg["kind"] == "step" and tid not in self.observed for tid, cfg in self.trials.items())
 
     def _step_config(self, r: float, step: int) -> dict[str, Any]:
-        return {"kind": "step", "arm": "step", "r": r, "step": step,
+        return {"kind": "step", "arm": "step", "r": r, "step": step, "tau": self.controller["budget"],
+                "pool_threads": list(self.pool_threads),
                 "ratios": allocate(r, self.budgets, self.channels, self.r_max)}
 
     def _finetunes(self) -> list[str]:
@@ -94,6 +125,11 @@ class RatioSearcher(Searcher):
 
     # -- the Searcher contract
     def suggest(self, trial_id: str) -> Optional[dict[str, Any] | str]:
+        provided = self._provided()
+        if provided is None:
+            return Searcher.FINISHED  # the search stage failed: the driver raises its error
+        if not provided:
+            return self._next_finetune(trial_id)  # a fine-tune launched early, beside the search
         ctl = self._ctl()
         if ctl.done:
             if not self.notified:
@@ -109,6 +145,8 @@ class RatioSearcher(Searcher):
         return self._next_finetune(trial_id)  # a fine-tune launched early, beside the pending step
 
     def _observe(self, trial_id: str, delta_g: float, **extra: Any) -> None:
+        if self.controller is None:
+            return
         ctl = self._ctl()
         cfg = self.trials[trial_id]
         if ctl.done or ctl.propose() != cfg["r"]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import ray
 from ray import tune
@@ -35,7 +35,6 @@ class TrialContext:
 
     run_id: str
     actors: int
-    tau: float
     card: dict
     finetune: dict  # TrainConfig as a dict
     data_ref: Any  # ObjectRef of (train set, test set), fitted to the model
@@ -47,7 +46,6 @@ class TrialContext:
     scaling: Scaling = Scaling()  # a step's own fine-tune (finetune_all), beside the actors
     finetune_all: bool = False
     arm_scaling: Optional[Scaling] = None  # an arm's fine-tune (default: ``scaling``)
-    step_threads: tuple[int, ...] = ()  # torch threads of a step on each probe actor (``ProbePool.step_threads``)
     early: int = 0  # fine-tunes launched beside the steps
 
 
@@ -64,8 +62,8 @@ def pruning_trial(config: dict, ctx: TrialContext) -> None:
     started = time.time()
     index = config["step"] % ctx.actors
     actor = ray.get_actor(actor_name(ctx.run_id, index))
-    rec = ray.get(actor.measure.remote(config["ratios"], None, step_threads(ctx, index)))
-    accepted = rec["delta_g"] <= ctx.tau
+    rec = ray.get(actor.measure.remote(config["ratios"], None, step_threads(ctx, config.get("pool_threads", ()), index)))
+    accepted = rec["delta_g"] <= config["tau"]  # τ comes with the step: the experiment starts before it is known
     tune.report({"kind": "step", "arm": "step", "step": config["step"], "r": config["r"],
                  "delta_g": rec["delta_g"], "accepted": accepted, "macs": rec["macs"], "params": rec["params"],
                  "pid": rec["pid"], "actor": rec["actor"], "threads": rec["threads"], "ray_train": False,
@@ -76,12 +74,13 @@ def pruning_trial(config: dict, ctx: TrialContext) -> None:
                                                    ctx.bn_recalibration), ctx.scaling, step=config["step"], r=config["r"])
 
 
-def step_threads(ctx: TrialContext, index: int) -> int:
-    """Torch threads for a step on probe actor ``index``: the pool's on its node (steps come one at a time) where
+def step_threads(ctx: TrialContext, pool_threads: Sequence[int], index: int) -> int:
+    """Torch threads for a step on probe actor ``index``: the pool's on its node (``pool_threads``, from
+    ``ProbePool.step_threads`` through the searcher: steps come one at a time) where
     nothing else runs on those cores, i.e. no fine-tune was launched beside the steps or every such fine-tune has
     started up and waits for its plan; else 0, the actor's own. A fine-tune starting up beside a step with two
     threads made both slower on 2 cores (bench run 17)."""
-    if not ctx.step_threads:
+    if not pool_threads:
         return 0
     if ctx.early:
         try:
@@ -90,7 +89,7 @@ def step_threads(ctx: TrialContext, index: int) -> int:
             return 0
         if waiting < ctx.early:
             return 0
-    return ctx.step_threads[index]
+    return pool_threads[index]
 
 
 def finetune_trial(config: dict, ctx: TrialContext) -> None:
