@@ -123,6 +123,14 @@ def test_the_experiment_starts_before_tau_and_waits_for_the_provided_controller(
         assert set(step["ratios"]) == {"a", "b"}
     finally:
         provide("run2")
+    on_cpus = RatioSearcher(arms=["adaptive"], prelaunch=1, run_id="run4", launch_in_search=False)
+    try:
+        assert on_cpus.suggest("f0") is None  # on CPUs the early fine-tune waits for the steps
+        provide("run4", Controller(budget=0.1, r=0.2), BUDGETS, CHANNELS)
+        assert on_cpus.suggest("t0")["kind"] == "step"
+        assert on_cpus.suggest("f0") == {"kind": "finetune", "arm": "adaptive"}  # beside the first step
+    finally:
+        provide("run4")
     failed = RatioSearcher(arms=["adaptive"], run_id="run3")
     try:
         provide("run3", error="the search stage failed: boom")

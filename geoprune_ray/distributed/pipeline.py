@@ -290,15 +290,18 @@ class Pipeline:
         on_converged(run_id, hook)
         searching = threading.Thread(target=search, name="geoprune-search", daemon=True)
         try:
+            # On CPUs the early fine-tune launches once the steps start, not beside the search: its start-up shares the
+            # same cores either way, and beside the search's three busy processes it cost the search more than it
+            # saved the controller (bench runs 22-23 on 2 cores: search +7 s, controller -5 s).
             searcher = RatioSearcher(arms=arms_wanted, r_max=cfg.r_max, concurrent=concurrent, prelaunch=early,
-                                     run_id=run_id)
+                                     run_id=run_id, launch_in_search=res.use_gpu)
             searching.start()
             rows = self._tune(EXPERIMENT, tune.with_parameters(search_trial, ctx=ctx),
                               tune.TuneConfig(search_alg=searcher, num_samples=-1,
                                               max_concurrent_trials=max(8, concurrent + 2), reuse_actors=True),
                               f"the Tune experiment starts beside the search: its controller steps follow once τ is "
-                              f"known; {early} of {len(arms_wanted)} fine-tune(s) launched early, waiting for their "
-                              f"arm's ratios")
+                              f"known; {early} of {len(arms_wanted)} fine-tune(s) launched early (beside the "
+                              f"{'search' if res.use_gpu else 'steps'}), waiting for their arm's ratios")
             if searching.is_alive():  # Tune stopped (Ctrl-C) before the search ended: the actors' shutdown ends it
                 raise Interrupted("the run stopped during the search stage",
                                   f"run the same command again to resume from {self.run.location}")

@@ -63,7 +63,7 @@ class RatioSearcher(Searcher):
     def __init__(self, controller: Optional[Controller] = None, budgets: Optional[Mapping[str, float]] = None,
                  channels: Optional[Mapping[str, int]] = None, r_max: float = 0.9, max_failures: int = 2,
                  metric: str = "delta_g", mode: str = "min", arms: Sequence[str] = (), concurrent: int = 1,
-                 prelaunch: int = 0, run_id: Optional[str] = None):
+                 prelaunch: int = 0, run_id: Optional[str] = None, launch_in_search: bool = True):
         super().__init__(metric=metric, mode=mode)
         self.controller = controller.to_dict() if controller else None
         self.budgets = dict(budgets or {})
@@ -74,6 +74,7 @@ class RatioSearcher(Searcher):
         self.concurrent = max(1, concurrent)  # fine-tunes at once once the controller has stopped
         self.prelaunch = max(0, min(prelaunch, self.concurrent))  # … and while it runs
         self.run_id = run_id
+        self.launch_in_search = launch_in_search  # early fine-tunes before the controller is provided, or after
         self.pool_threads: list[int] = []  # a step's torch threads on each probe actor, where it runs alone
         self.notified = False  # the driver's hook has run (the plans are published)
         self.trials: dict[str, dict[str, Any]] = {}  # trial id → the config it was given
@@ -128,8 +129,8 @@ class RatioSearcher(Searcher):
         provided = self._provided()
         if provided is None:
             return Searcher.FINISHED  # the search stage failed: the driver raises its error
-        if not provided:
-            return self._next_finetune(trial_id)  # a fine-tune launched early, beside the search
+        if not provided:  # a fine-tune launched early, beside the search
+            return self._next_finetune(trial_id) if self.launch_in_search else None
         ctl = self._ctl()
         if ctl.done:
             if not self.notified:
