@@ -60,6 +60,10 @@ def provide(run_id: str, controller: Optional[Controller] = None, budgets: Optio
 class RatioSearcher(Searcher):
     """Drives the r controller through Tune trials, then the arms' fine-tunes."""
 
+    # defaults for a searcher restored from an experiment saved before these existed
+    launch_in_search = True
+    pool_threads: Sequence[int] = ()
+
     def __init__(self, controller: Optional[Controller] = None, budgets: Optional[Mapping[str, float]] = None,
                  channels: Optional[Mapping[str, int]] = None, r_max: float = 0.9, max_failures: int = 2,
                  metric: str = "delta_g", mode: str = "min", arms: Sequence[str] = (), concurrent: int = 1,
@@ -75,7 +79,7 @@ class RatioSearcher(Searcher):
         self.prelaunch = max(0, min(prelaunch, self.concurrent))  # … and while it runs
         self.run_id = run_id
         self.launch_in_search = launch_in_search  # early fine-tunes before the controller is provided, or after
-        self.pool_threads: list[int] = []  # a step's torch threads on each probe actor, where it runs alone
+        self.pool_threads: Sequence[int] = ()  # a step's torch threads on each probe actor, where it runs alone
         self.notified = False  # the driver's hook has run (the plans are published)
         self.trials: dict[str, dict[str, Any]] = {}  # trial id → the config it was given
         self.observed: set[str] = set()
