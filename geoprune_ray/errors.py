@@ -19,3 +19,8 @@ class GeopruneError(Exception):
 
 class Interrupted(GeopruneError):
     """A run stopped before it finished (e.g. Ctrl-C): its run directory can be resumed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's first line for a one-line report (its repr when it has no message)."""
+    return str(exc).splitlines()[0] if str(exc) else repr(exc)

@@ -79,7 +79,6 @@ def test_a_step_takes_the_pools_threads_only_while_the_early_fine_tunes_wait(ray
     """A controller step gets the pool's threads (``ProbePool.step_threads``) where nothing else runs on those cores:
     no fine-tune was launched beside the steps, or each one has started up and waits for its plan on the board."""
     import dataclasses
-    import time
 
     import ray
 
@@ -93,11 +92,12 @@ def test_a_step_takes_the_pools_threads_only_while_the_early_fine_tunes_wait(ray
                            early=1)
         assert step_threads(ctx, (2, 2), 0) == 0  # the early fine-tune is still starting up: the actor's own threads
         plan = progress.board.plan.remote("adaptive")  # it has loaded everything and waits for its plan
-        # a readiness wait, not a speed claim: an async actor need not start one caller's calls in order, so the count
-        # is read until the plan call has begun (30 s only bounds a hung board)
-        deadline = time.time() + 30
-        while ray.get(progress.board.waiting_for_plans.remote()) < 1 and time.time() < deadline:
-            time.sleep(0.05)
+        # An async actor need not start one caller's calls in order, so the count is read until the plan call has
+        # begun: each read is a round trip through the board's event loop, where the plan call, delivered before it,
+        # starts within a few; the bound only stops a hung board (no clock, no speed claim)
+        for _ in range(1000):
+            if ray.get(progress.board.waiting_for_plans.remote()) >= 1:
+                break
         assert step_threads(ctx, (2, 2), 1) == 2
         ray.get(progress.board.publish.remote({"adaptive": {"r": 0.2}}))
         assert ray.get(plan) == {"r": 0.2} and ray.get(progress.board.waiting_for_plans.remote()) == 0

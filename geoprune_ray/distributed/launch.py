@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import ray
 
 from ..core.config import TrainConfig
+from ..errors import first_line
 from .progress import board_name
 from .scaling import ArmJob, Scaling
 
@@ -163,7 +164,7 @@ def join_teardowns(teardowns: list["_Run"], timeout_s: float = 60.0) -> None:
             log.warning("Ray Train run %s is still tearing down after %.0f s; going on without it", run.name, timeout_s)
         elif run.error is not None:
             log.warning("Ray Train run %s failed after handing its result over: %s", run.name,
-                        str(run.error).splitlines()[0] if str(run.error) else repr(run.error))
+                        first_line(run.error))
 
 
 def load_checkpoint(checkpoint: "ray.train.Checkpoint | str") -> dict[str, Any]:

@@ -43,7 +43,7 @@ from ..core.protocol import SCHEMA_VERSION
 from ..core.pruning import dependency_groups, macs_params, replay_pruning, save_pruned
 from ..core.reference import provenance, resolve
 from ..core.train import evaluate
-from ..errors import GeopruneError, Interrupted
+from ..errors import GeopruneError, Interrupted, first_line
 from .job import JobSpec
 from .probes import START_TIMEOUT_S, PoolSpec, ProbePool
 from .progress import Progress
@@ -279,11 +279,11 @@ class Pipeline:
                              started=time.time())
                 # A step has the pool's threads to itself only while nothing starts or trains beside it
                 # (``trial.step_threads``): never with ``finetune_all``, whose steps fine-tune beside the next ones.
-                alone = pool is not None and pool.actors and not spec.protocol.finetune_all
+                alone = pool is not None and not spec.protocol.finetune_all
                 provide(run_id, controller, budgets, channels, pool_threads=pool.step_threads() if alone else ())
             except BaseException as exc:  # noqa: BLE001 - raised by the driver once Tune has stopped
                 found["error"] = exc
-                first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+                first = first_line(exc)
                 provide(run_id, error=first)
                 board.publish.remote({}, f"the search stage failed: {first}")
 
@@ -377,7 +377,7 @@ class Pipeline:
                     self._span("search_resources_returned", time.time(), time.time())
             except Exception as exc:  # noqa: BLE001 - raised by the driver once Tune has stopped
                 settled["error"] = exc
-                board.publish.remote({}, f"settling the arms failed: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+                board.publish.remote({}, f"settling the arms failed: {first_line(exc)}")
 
         return hook
 
