@@ -137,3 +137,61 @@ def test_the_experiment_starts_before_tau_and_waits_for_the_provided_controller(
         assert failed.suggest("t0") == Searcher.FINISHED
     finally:
         provide("run3")
+
+
+def test_the_first_steps_trial_starts_beside_the_search_and_waits_for_its_step(ray_cluster):
+    """With ``pending_step`` the first step's trial is handed out before τ is known, without a ratio, and the early
+    fine-tune's trial beside it (its Ray Train run waits for the search's end); once the driver provides the
+    controller, the searcher delivers the step on the run's progress board, where the trial waits for it (again after
+    a restore), and the search's end. A failed run raises in the waiting trial instead."""
+    import pytest
+    import ray
+
+    from geoprune_ray.distributed.progress import Progress
+    from geoprune_ray.distributed.searcher import SEARCHED, provide, step_key
+
+    progress = Progress("pending-test")
+    board = progress.board
+    try:
+        s = RatioSearcher(arms=["adaptive"], prelaunch=1, run_id="pending-test", launch_in_search=False,
+                          pending_step=True)
+        assert s.suggest("t0") == {"kind": "step", "arm": "step", "r": None, "step": None, "pending": True}
+        assert s.suggest("f0") == {"kind": "finetune", "arm": "adaptive", "after_search": True}
+        assert s.suggest("t1") is None  # one step and one early fine-tune
+        waiting = board.value.remote(step_key("t0"))
+        assert not ray.wait([waiting], timeout=0.5)[0]  # no step before τ is known
+        provide("pending-test", Controller(budget=0.1, r=0.2), BUDGETS, CHANNELS, pool_threads=(2, 2))
+        assert s.suggest("t1") is None  # step 0 is pending, the fine-tune launched
+        step = ray.get(waiting, timeout=60)
+        assert (step["kind"], step["r"], step["step"], step["tau"], step["pool_threads"]) == ("step", 0.2, 0, 0.1,
+                                                                                            [2, 2])
+        assert ray.get(board.value.remote(SEARCHED), timeout=60) is True
+        s.on_trial_result("t0", {"delta_g": 0.05})
+        assert s.result.steps[0]["r"] == 0.2 and s.suggest("t1")["r"] == 0.25  # t1: a step with its ratio
+        assert "pending" not in s.trials["t1"]
+    finally:
+        provide("pending-test")
+        progress.close()
+
+    progress = Progress("pending-test2")
+    try:
+        s = RatioSearcher(run_id="pending-test2", pending_step=True)
+        s.suggest("t0")
+        provide("pending-test2", Controller(budget=0.1, r=0.2), BUDGETS, CHANNELS)
+        s.suggest("t1")
+        assert ray.get(progress.board.take.remote(step_key("t0"), 60))["r"] == 0.2  # gone from the board, as after
+        restored = RatioSearcher(metric="delta_g", mode="min")  # a driver restart: the restored searcher sends again
+        restored.set_state(s.get_state())
+        restored.suggest("t1")
+        assert ray.get(progress.board.value.remote(step_key("t0")), timeout=60)["r"] == 0.2
+        ray.get(progress.board.publish.remote({}, "the search stage failed: boom"))
+        with pytest.raises(ray.exceptions.RayTaskError, match="boom"):
+            ray.get(progress.board.value.remote(step_key("t9")), timeout=60)
+    finally:
+        provide("pending-test2")
+        progress.close()
+
+    failed = RatioSearcher(run_id="pending-test3", pending_step=True)
+    failed.suggest("t0")
+    failed.on_trial_complete("t0", None, error=True)  # failed before its step came: forgotten, not counted
+    assert failed.trials == {} and failed.failures == {} and failed.suggest("t1")["r"] is None

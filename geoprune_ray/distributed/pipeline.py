@@ -294,7 +294,7 @@ class Pipeline:
             # same cores either way, and beside the search's three busy processes it cost the search more than it
             # saved the controller (bench runs 22-23 on 2 cores: search +7 s, controller -5 s).
             searcher = RatioSearcher(arms=arms_wanted, r_max=cfg.r_max, concurrent=concurrent, prelaunch=early,
-                                     run_id=run_id, launch_in_search=res.use_gpu)
+                                     run_id=run_id, launch_in_search=res.use_gpu, pending_step=pool is not None)
             searching.start()
             rows = self._tune(EXPERIMENT, tune.with_parameters(search_trial, ctx=ctx),
                               tune.TuneConfig(search_alg=searcher, num_samples=-1,
@@ -478,7 +478,8 @@ class Pipeline:
                 label = f"step {t['step']}" if t["kind"] == "step" else f"fine-tune {t['arm']}"
                 rows.append({"stage": label, "start": t["started"] - t0, "end": t["finished"] - t0})
                 if t.get("launched") and t["launched"] < t["started"]:  # launched early, waited for its ratios
-                    rows.append({"stage": f"{label}: launch, wait for ratios", "start": t["launched"] - t0,
+                    waited = "start, wait for τ" if t["kind"] == "step" else "launch, wait for ratios"
+                    rows.append({"stage": f"{label}: {waited}", "start": t["launched"] - t0,
                                  "end": t["started"] - t0})
         return sorted(rows, key=lambda r: (r["start"], r["end"]))
 
@@ -504,7 +505,7 @@ class Pipeline:
             config = result.config or {}
             row = {col: _plain(metrics.get(col)) for col in TRIAL_COLUMNS}
             row.update(trial_id=metrics.get("trial_id") or (result.path or "").rsplit("/", 1)[-1],
-                       kind=config.get("kind"), arm=config.get("arm"), step=config.get("step"),
+                       kind=config.get("kind"), arm=config.get("arm"), step=metrics.get("step", config.get("step")),
                        r=metrics.get("r", config.get("r")), error=str(result.error).splitlines()[0] if result.error else None,
                        checkpoint_path=metrics.get("checkpoint_path"))
             rows.append(row)

@@ -5,7 +5,8 @@ small named actor, the run's progress board; the driver drains it from a backgro
 Work the driver waits on itself (probes, sensitivity tasks) is reported as its results arrive.
 The board also carries results handed over before the work that made them has ended (``deliver``,
 ``take``): a Ray Train run's final weights, sent by its worker before the run's teardown; and the arms' plans
-(``publish``, ``plan``), awaited by fine-tunes launched before they exist.
+(``publish``, ``plan``), awaited by fine-tunes launched before they exist; and a controller step's ratio (``value``),
+awaited by the step's trial, started before τ was known.
 """
 
 from __future__ import annotations
@@ -75,9 +76,20 @@ class ProgressBoard:
                 return None
             return self.values.pop(key)
 
+    async def value(self, key: str) -> Any:
+        """The value delivered under ``key`` (kept: a retried caller gets it again), waited for as long as it takes;
+        the run's error (``publish(..., error)``, or a restarted board) is raised instead."""
+        async with self.arrived:
+            await self.arrived.wait_for(lambda: key in self.values or self.plans_error is not None)
+            if key in self.values:
+                return self.values[key]
+        raise RuntimeError(self.plans_error)
+
     async def publish(self, plans: dict[str, Any], error: Optional[str] = None) -> None:
         self.plans, self.plans_error = dict(plans), error
         self.published.set()
+        async with self.arrived:  # ``value`` waiters raise the error
+            self.arrived.notify_all()
 
     async def plan(self, arm: str) -> dict[str, Any]:
         self.waiting += 1

@@ -7,7 +7,11 @@ trials: ``prelaunch`` of them while the controller runs (their Ray Train workers
 model, the data and the calibration set, then wait for their arm's ratios on the run's
 progress board), the rest once it has stopped, ``concurrent`` at a time. The experiment can start before
 τ is known: a searcher made without a controller hands out its early fine-tunes and waits for the
-controller the driver provides (``provide``, under the run's id) once the search stage ends. When the controller stops,
+controller the driver provides (``provide``, under the run's id) once the search stage ends; with ``pending_step`` it
+also hands out the first step's trial at once, without a ratio: the trial starts beside the search and waits on the
+run's progress board for the step the searcher delivers there once τ is known (and, where fine-tunes do not launch
+beside the search, their trials start there too and launch their Ray Train runs once the search has ended). When
+the controller stops,
 the driver's hook (registered with ``on_converged`` under the run's id) settles every arm on the
 probe actors and publishes the plans; the searcher returns ``Searcher.FINISHED`` once every arm's
 fine-tune has been handed out. (With the job option ``finetune_all`` each accepted step trial
@@ -22,9 +26,11 @@ import math
 import pickle
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import ray
 from ray.tune.search import Searcher
 
 from ..core.method import Controller, allocate
+from .progress import board_name
 
 log = logging.getLogger("geoprune_ray")
 
@@ -57,17 +63,27 @@ def provide(run_id: str, controller: Optional[Controller] = None, budgets: Optio
                              "pool_threads": list(pool_threads)}
 
 
+SEARCHED = "search-ended"  # on the progress board once the controller is provided
+
+
+def step_key(trial_id: str) -> str:
+    """Where a step trial handed out without a ratio finds its step on the run's progress board."""
+    return f"step-of-{trial_id}"
+
+
 class RatioSearcher(Searcher):
     """Drives the r controller through Tune trials, then the arms' fine-tunes."""
 
     # defaults for a searcher restored from an experiment saved before these existed
     launch_in_search = True
+    pending_step = False
     pool_threads: Sequence[int] = ()
 
     def __init__(self, controller: Optional[Controller] = None, budgets: Optional[Mapping[str, float]] = None,
                  channels: Optional[Mapping[str, int]] = None, r_max: float = 0.9, max_failures: int = 2,
                  metric: str = "delta_g", mode: str = "min", arms: Sequence[str] = (), concurrent: int = 1,
-                 prelaunch: int = 0, run_id: Optional[str] = None, launch_in_search: bool = True):
+                 prelaunch: int = 0, run_id: Optional[str] = None, launch_in_search: bool = True,
+                 pending_step: bool = False):
         super().__init__(metric=metric, mode=mode)
         self.controller = controller.to_dict() if controller else None
         self.budgets = dict(budgets or {})
@@ -79,6 +95,7 @@ class RatioSearcher(Searcher):
         self.prelaunch = max(0, min(prelaunch, self.concurrent))  # … and while it runs
         self.run_id = run_id
         self.launch_in_search = launch_in_search  # early fine-tunes before the controller is provided, or after
+        self.pending_step = pending_step and run_id is not None  # the first step's trial before the controller
         self.pool_threads: Sequence[int] = ()  # a step's torch threads on each probe actor, where it runs alone
         self.notified = False  # the driver's hook has run (the plans are published)
         self.trials: dict[str, dict[str, Any]] = {}  # trial id → the config it was given
@@ -109,6 +126,25 @@ class RatioSearcher(Searcher):
                 "pool_threads": list(self.pool_threads),
                 "ratios": allocate(r, self.budgets, self.channels, self.r_max)}
 
+    def _deliver_steps(self) -> None:
+        """Give each step trial handed out without a ratio (``pending_step``) its step, on the run's progress board
+        where it waits, and tell early fine-tunes that wait for the search's end (``after_search``) that it has
+        ended; again after a restore (the new driver's board is empty)."""
+        sent = self.__dict__.setdefault("_sent", set())  # not in the saved state: a restored searcher sends again
+        if self.pending_step and SEARCHED not in sent:
+            ray.get_actor(board_name(self.run_id)).deliver.remote(SEARCHED, True)
+            sent.add(SEARCHED)
+        for tid, cfg in list(self.trials.items()):
+            if cfg["kind"] != "step" or not cfg.get("pending") or tid in sent:
+                continue
+            if cfg["r"] is None:
+                ctl = self._ctl()
+                if ctl.done:
+                    continue
+                cfg = self.trials[tid] = {**self._step_config(ctl.propose(), len(ctl.steps)), "pending": True}
+            ray.get_actor(board_name(self.run_id)).deliver.remote(step_key(tid), cfg)
+            sent.add(tid)
+
     def _finetunes(self) -> list[str]:
         return [tid for tid, cfg in self.trials.items() if cfg["kind"] == "finetune"]
 
@@ -119,6 +155,8 @@ class RatioSearcher(Searcher):
         if len(launched) >= len(self.arms) or len(running) >= slots:
             return None
         cfg = {"kind": "finetune", "arm": self.arms[len(launched)]}
+        if self.pending_step and not self.launch_in_search and not self._provided():
+            cfg["after_search"] = True  # its trial starts now, its Ray Train run once the search has ended
         self.trials[trial_id] = cfg
         return cfg
 
@@ -133,8 +171,13 @@ class RatioSearcher(Searcher):
         provided = self._provided()
         if provided is None:
             return Searcher.FINISHED  # the search stage failed: the driver raises its error
-        if not provided:  # a fine-tune launched early, beside the search
-            return self._next_finetune(trial_id) if self.launch_in_search else None
+        if not provided:
+            if self.pending_step and not self._waiting():  # the first step's trial starts beside the search
+                cfg = self.trials[trial_id] = {"kind": "step", "arm": "step", "r": None, "step": None, "pending": True}
+                return cfg
+            # a fine-tune launched early, beside the search (on CPUs only its trial: it launches once the search ends)
+            return self._next_finetune(trial_id) if self.launch_in_search or self.pending_step else None
+        self._deliver_steps()
         ctl = self._ctl()
         if ctl.done:
             if not self.notified:
@@ -176,9 +219,13 @@ class RatioSearcher(Searcher):
         if result and "delta_g" in result and not error:
             self.on_trial_result(trial_id, result)
             return
+        r = cfg["r"]
+        if r is None:  # a step trial that failed before its ratio came: the next one waits for it instead
+            del self.trials[trial_id]
+            log.warning("controller trial %s failed before its step was known", trial_id)
+            return
         # The step failed before reporting: forget it so suggest() re-proposes the same r, and
         # after max_failures count the ratio as rejected so the run cannot loop forever.
-        r = cfg["r"]
         self.failures[r] = self.failures.get(r, 0) + 1
         del self.trials[trial_id]
         log.warning("controller trial %s at r=%.4f failed (%d/%d)", trial_id, r, self.failures[r], self.max_failures)

@@ -1,7 +1,8 @@
 """Tune trials of the one experiment: controller steps answered by the probe actors, the arms' fine-tunes through Ray
 Train.
 
-A controller step asks one resident probe actor to prune with the allocation, recalibrate and
+A controller step (whose trial may start before τ is known and wait on the run's progress board for its ratio) asks
+one resident probe actor to prune with the allocation, recalibrate and
 measure ΔG, and reports at once: no model reload and no Ray Train launch. A fine-tune trial runs
 one arm: it launches a Ray Train run inside the trial (DDP across workers), whose worker loads
 the base model, the data and the calibration set, waits for its arm's ratios on the run's
@@ -59,7 +60,13 @@ def search_trial(config: dict, ctx: TrialContext) -> None:
 
 def pruning_trial(config: dict, ctx: TrialContext) -> None:
     """A controller step the ``RatioSearcher`` suggested."""
-    started = time.time()
+    launched = started = time.time()
+    if config["r"] is None:  # handed out before τ was known: the searcher delivers the step on the progress board
+        from .searcher import step_key
+
+        board = ray.get_actor(board_name(ctx.run_id))
+        config = {**config, **ray.get(board.value.remote(step_key(tune.get_context().get_trial_id())))}
+        started = time.time()
     index = config["step"] % ctx.actors
     actor = ray.get_actor(actor_name(ctx.run_id, index))
     rec = ray.get(actor.measure.remote(config["ratios"], None, step_threads(ctx, config.get("pool_threads", ()), index)))
@@ -67,7 +74,7 @@ def pruning_trial(config: dict, ctx: TrialContext) -> None:
     tune.report({"kind": "step", "arm": "step", "step": config["step"], "r": config["r"],
                  "delta_g": rec["delta_g"], "accepted": accepted, "macs": rec["macs"], "params": rec["params"],
                  "pid": rec["pid"], "actor": rec["actor"], "threads": rec["threads"], "ray_train": False,
-                 "started": started,
+                 "launched": launched, "started": started,
                  "finished": time.time()})
     if ctx.finetune_all and accepted:
         _finetune(ctx, started, "adaptive", ArmJob(config["ratios"], ctx.calibration_ref, ctx.target,
@@ -95,6 +102,10 @@ def step_threads(ctx: TrialContext, pool_threads: Sequence[int], index: int) -> 
 def finetune_trial(config: dict, ctx: TrialContext) -> None:
     """One arm's fine-tune; its ratios come from the run's progress board."""
     arm = config["arm"]
+    if config.get("after_search"):  # started beside the search: its Ray Train start-up would slow the search down
+        from .searcher import SEARCHED
+
+        ray.get(ray.get_actor(board_name(ctx.run_id)).value.remote(SEARCHED))
     job = ArmJob(None, ctx.calibration_ref, ctx.target, ctx.bn_recalibration, board=board_name(ctx.run_id), arm=arm)
     _finetune(ctx, time.time(), arm, job, ctx.arm_scaling or ctx.scaling)
 
