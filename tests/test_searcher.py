@@ -191,6 +191,25 @@ def test_the_first_steps_trial_starts_beside_the_search_and_waits_for_its_step(r
         provide("pending-test2")
         progress.close()
 
+    progress = Progress("pending-test4")  # resumed after the controller converged: the early step has nothing to do
+    try:
+        s = RatioSearcher(arms=["adaptive"], run_id="pending-test4", pending_step=True)
+        assert s.suggest("t0")["r"] is None
+        done = Controller(budget=0.1, r=0.2)
+        for dg in (0.05, 0.2, 0.09):
+            done.observe(dg)
+        assert done.done
+        provide("pending-test4", done, BUDGETS, CHANNELS)
+        assert s.suggest("f0") == {"kind": "finetune", "arm": "adaptive"}
+        assert ray.get(progress.board.value.remote(step_key("t0")), timeout=60)["no_step"] is True
+        s.on_trial_result("t0", {"delta_g": float("nan")})  # what the trial reports then (Tune wants the metric)
+        assert s.result.to_dict() == done.to_dict()
+        s.on_trial_complete("t0", {"delta_g": float("nan")})
+        assert "t0" not in s.trials and s.suggest("f1") == Searcher.FINISHED
+    finally:
+        provide("pending-test4")
+        progress.close()
+
     failed = RatioSearcher(run_id="pending-test3", pending_step=True)
     failed.suggest("t0")
     failed.on_trial_complete("t0", None, error=True)  # failed before its step came: forgotten, not counted

@@ -317,7 +317,8 @@ class Pipeline:
         if not self.stage("controller"):
             raise Interrupted("the Tune experiment stopped before the controller converged",
                               f"run the same command again to resume from {self.run.location}")
-        step_rows = [t for t in rows if t["kind"] == "step"]
+        # a step trial that started beside the search and ended without a step (no ratio) measured nothing
+        step_rows = [t for t in rows if t["kind"] == "step" and t["r"] is not None]
         ctl = replay_controller(protocol.new_controller(cfg, probes, budget), step_rows, complete=False)
         if ctl.done:  # Tune's rows hold every step, with the trials' times and actors: they replace the hook's
             self.state["stages"]["controller"]["trials"] = step_rows

@@ -139,9 +139,10 @@ class RatioSearcher(Searcher):
                 continue
             if cfg["r"] is None:
                 ctl = self._ctl()
-                if ctl.done:
-                    continue
-                cfg = self.trials[tid] = {**self._step_config(ctl.propose(), len(ctl.steps)), "pending": True}
+                if ctl.done:  # a resumed run whose controller had converged: no step is left for this trial
+                    cfg = {"kind": "step", "r": None, "no_step": True}
+                else:
+                    cfg = self.trials[tid] = {**self._step_config(ctl.propose(), len(ctl.steps)), "pending": True}
             ray.get_actor(board_name(self.run_id)).deliver.remote(step_key(tid), cfg)
             sent.add(tid)
 
@@ -205,7 +206,8 @@ class RatioSearcher(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         cfg = self.trials.get(trial_id)
-        if cfg and cfg["kind"] == "step" and trial_id not in self.observed and "delta_g" in result:
+        measured = cfg and cfg["kind"] == "step" and cfg["r"] is not None  # not a step trial that had no step
+        if measured and trial_id not in self.observed and "delta_g" in result:
             self._observe(trial_id, result["delta_g"], macs=result.get("macs"), params=result.get("params"),
                           pid=result.get("pid"))
 
@@ -216,13 +218,14 @@ class RatioSearcher(Searcher):
             return
         if not cfg or cfg["kind"] != "step" or trial_id in self.observed:
             return
+        r = cfg["r"]
+        if r is None:  # a step trial that ended before its ratio came (failed, or no step was left): forgotten
+            del self.trials[trial_id]
+            if error:
+                log.warning("controller trial %s failed before its step was known", trial_id)
+            return
         if result and "delta_g" in result and not error:
             self.on_trial_result(trial_id, result)
-            return
-        r = cfg["r"]
-        if r is None:  # a step trial that failed before its ratio came: the next one waits for it instead
-            del self.trials[trial_id]
-            log.warning("controller trial %s failed before its step was known", trial_id)
             return
         # The step failed before reporting: forget it so suggest() re-proposes the same r, and
         # after max_failures count the ratio as rejected so the run cannot loop forever.

@@ -66,6 +66,9 @@ def pruning_trial(config: dict, ctx: TrialContext) -> None:
 
         board = ray.get_actor(board_name(ctx.run_id))
         config = {**config, **ray.get(board.value.remote(step_key(tune.get_context().get_trial_id())))}
+        if config.get("no_step"):  # the controller had converged already (a resumed run): nothing to measure
+            tune.report({"kind": "step", "arm": "step", "step": None, "r": None, "delta_g": float("nan")})
+            return
         started = time.time()
     index = config["step"] % ctx.actors
     actor = ray.get_actor(actor_name(ctx.run_id, index))
