@@ -507,7 +507,7 @@ class Pipeline:
             row = {col: _plain(metrics.get(col)) for col in TRIAL_COLUMNS}
             row.update(trial_id=metrics.get("trial_id") or (result.path or "").rsplit("/", 1)[-1],
                        kind=config.get("kind"), arm=config.get("arm"), step=metrics.get("step", config.get("step")),
-                       r=metrics.get("r", config.get("r")), error=str(result.error).splitlines()[0] if result.error else None,
+                       r=metrics.get("r", config.get("r")), error=first_line(result.error) if result.error else None,
                        checkpoint_path=metrics.get("checkpoint_path"))
             rows.append(row)
         return sorted(rows, key=lambda r: (r["kind"] != "step", r["step"] if r["step"] is not None else 1e9,

@@ -131,11 +131,15 @@ class RatioSearcher(Searcher):
         where it waits, and tell early fine-tunes that wait for the search's end (``after_search``) that it has
         ended; again after a restore (the new driver's board is empty)."""
         sent = self.__dict__.setdefault("_sent", set())  # not in the saved state: a restored searcher sends again
+
+        def send(key: str, value: Any) -> None:
+            ray.get_actor(board_name(self.run_id)).deliver.remote(key, value)
+            sent.add(key)
+
         if self.pending_step and SEARCHED not in sent:
-            ray.get_actor(board_name(self.run_id)).deliver.remote(SEARCHED, True)
-            sent.add(SEARCHED)
+            send(SEARCHED, True)
         for tid, cfg in list(self.trials.items()):
-            if cfg["kind"] != "step" or not cfg.get("pending") or tid in sent:
+            if cfg["kind"] != "step" or not cfg.get("pending") or step_key(tid) in sent:
                 continue
             if cfg["r"] is None:
                 ctl = self._ctl()
@@ -143,8 +147,7 @@ class RatioSearcher(Searcher):
                     cfg = {"kind": "step", "r": None, "no_step": True}
                 else:
                     cfg = self.trials[tid] = {**self._step_config(ctl.propose(), len(ctl.steps)), "pending": True}
-            ray.get_actor(board_name(self.run_id)).deliver.remote(step_key(tid), cfg)
-            sent.add(tid)
+            send(step_key(tid), cfg)
 
     def _finetunes(self) -> list[str]:
         return [tid for tid, cfg in self.trials.items() if cfg["kind"] == "finetune"]
