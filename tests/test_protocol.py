@@ -73,3 +73,36 @@ def test_uniform_l2_reaches_the_target_macs_within_one_percent(digits_model):
                    tiny_groups, tolerance=1e-6)
     assert not m.within and m.gap != 0.0
 
+
+
+def test_adaptive_gc_is_not_measured_again_at_r_star():
+    """The controller's accepted step at r* pruned the base with the final allocation: settling the arms reuses its
+    ΔG, MACs and params instead of measuring that allocation a second time."""
+    from geoprune_ray.core import protocol
+    from geoprune_ray.core.config import MethodConfig
+    from geoprune_ray.core.method import Controller
+
+    cfg = MethodConfig()
+    budgets, channels = {"a": 0.1, "b": 0.2}, {"a": 8, "b": 16}
+    calls = []
+
+    def measure_many(ratios_list, size_only=False):
+        calls.append(ratios_list)
+        return [{"delta_g": 0.5, "macs": 1, "params": 1} for _ in ratios_list]
+
+    ctl = Controller(budget=0.1, r=0.2)
+    ctl.observe(0.05, macs=900, params=90)  # 0.2 accepted
+    ctl.observe(0.2, macs=800, params=80)  # 0.25 rejected
+    ctl.observe(0.3, macs=850, params=85)  # 0.225 rejected: second switch
+    assert ctl.done and ctl.r_star == 0.2
+    known = protocol.step_at(ctl, ctl.r_star)
+    assert known == {"delta_g": 0.05, "macs": 900, "params": 90}
+    final = protocol.final_ratios(ctl.r_star, budgets, channels, cfg)
+    plans = protocol.settle_arms(["adaptive", "baseline"], ctl.r_star, final, 0.1, channels, cfg, measure_many,
+                                 1000, 100, known)
+    assert calls == []
+    assert (plans["adaptive"].delta_g, plans["adaptive"].macs, plans["adaptive"].params) == (0.05, 900, 90)
+    # without the step (a controller that recorded no sizes), the allocation is measured
+    plans = protocol.settle_arms(["adaptive"], ctl.r_star, final, 0.1, channels, cfg, measure_many, 1000, 100, None)
+    assert calls == [[final]] and plans["adaptive"].delta_g == 0.5
+    assert protocol.step_at(Controller(budget=0.1, r=0.2), 0.2) is None

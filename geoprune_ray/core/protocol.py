@@ -116,13 +116,23 @@ class ArmPlan:
         return cls(**data)
 
 
+def step_at(ctl: Controller, r: float) -> Optional[dict[str, Any]]:
+    """The controller's measured step at ratio ``r`` with its ΔG, MACs and params, if it has one: it pruned the base
+    with ``allocate(r, …)``, the same allocation as the final ratios at r* (``final_ratios``)."""
+    step = next((s for s in ctl.steps if s.get("measured") and s["r"] == r), None)
+    if step is None or step.get("macs") is None or step.get("params") is None:
+        return None
+    return {"delta_g": step["delta_g"], "macs": step["macs"], "params": step["params"]}
+
+
 def settle_arms(arms: Sequence[str], r_star: float, adaptive: Mapping[str, float], budget: float,
                 channels: Mapping[str, int], cfg: MethodConfig, measure_many: MeasureMany,
-                base_macs: int, base_params: int) -> dict[str, ArmPlan]:
+                base_macs: int, base_params: int, at_r_star: Optional[Mapping[str, Any]] = None) -> dict[str, ArmPlan]:
     """Every arm's pruning (METHOD.md §7): Adaptive GC at r*; GC the largest grid ratio within τ = 0.07; Uniform L2
-    one ratio moved to within ±1% of Adaptive GC's MACs; Baseline unpruned."""
+    one ratio moved to within ±1% of Adaptive GC's MACs; Baseline unpruned. ``at_r_star``: the controller's step at
+    r* (``step_at``), which measured Adaptive GC's allocation already: it is not measured again."""
     plans: dict[str, ArmPlan] = {}
-    (rec,) = measure_many([adaptive or 0.0])
+    (rec,) = [at_r_star] if at_r_star is not None and adaptive else measure_many([adaptive or 0.0])
     plans["adaptive"] = ArmPlan("adaptive", r_star, dict(adaptive), rec["delta_g"], rec["macs"], rec["params"], budget)
     if "baseline" in arms:
         plans["baseline"] = ArmPlan("baseline", 0.0, 0.0, 0.0, base_macs, base_params)

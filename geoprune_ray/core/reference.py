@@ -199,7 +199,7 @@ def adaptive_prune(model: nn.Module | str, train_set: Dataset | str, test_set: D
     r_star = protocol.r_star_of(ctl)
     final_ratios = protocol.final_ratios(r_star, budgets, channels, cfg)
     plan = protocol.settle_arms(["adaptive"], r_star, final_ratios, budget, channels, cfg, measure_many, base_macs,
-                                base_params)["adaptive"]
+                                base_params, protocol.step_at(ctl, r_star))["adaptive"]
     lap("controller")
 
     pruned, history, result = protocol.finetune_arm(base, final_ratios, meter, target, train_set, test_set, ft_cfg,

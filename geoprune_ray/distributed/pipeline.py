@@ -365,7 +365,7 @@ class Pipeline:
                         return pool.map("size" if size_only else "measure", [(r,) for r in ratios_list])
 
                     plans = protocol.settle_arms(arms_wanted, r_star, final_ratios, budget, channels, cfg,
-                                                 measure_many, base_macs, base_params)
+                                                 measure_many, base_macs, base_params, protocol.step_at(ctl, r_star))
                     log.info("stage speed: timing the base and the Adaptive GC architecture on a probe actor's device")
                     speed = ray.get(pool.actors[0].speed.remote(final_ratios or 0.0))
                     self._done("arms", arms_started, plans={arm: plan.to_dict() for arm, plan in plans.items()},
