@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -94,6 +95,30 @@ def test_meter_recalibration_switch(digits, digits_model):
     assert torch.equal(b[1].running_mean, stats_before)  # off: the paper, literally
     assert not torch.equal(a[1].running_mean, stats_before)
     assert on.delta(_copy(a)) == 0.0 and off.delta(_copy(b)) == 0.0
+
+
+def test_a_meter_adopts_a_reference_measured_once(digits, digits_model):
+    """G₀ measured once (recalibrated weights, G₀, features) and adopted: the adopting meter measures the same ΔG,
+    an unpruned copy gives 0 exactly, and the noise floor comes from the same features. A reference measured on
+    another kind of device is not adopted: the meter measures its own."""
+    train_set, _ = digits
+    cal = Calibration.from_dataset(train_set, small_method())
+    own, base = GeometryMeter(cal), _copy(digits_model)
+    own.set_reference(base)
+    reference = own.reference_of(base)
+    adopter, adopted = GeometryMeter(cal), _copy(digits_model)
+    assert adopter.use_reference(adopted, reference)
+    assert all(torch.equal(adopted.state_dict()[k], v) for k, v in base.state_dict().items())  # recalibrated
+    assert adopter.delta(_copy(adopted)) == 0.0
+    pruned = _copy(adopted)
+    with torch.no_grad():
+        pruned[0].weight[:4] = 0  # a change the geometry sees
+    assert adopter.delta(_copy(pruned)) == own.delta(_copy(pruned)) > 0
+    assert adopter.noise(5, 0) == own.noise(5, 0)
+    elsewhere = dataclasses.replace(reference, device="cuda")
+    fresh, model = GeometryMeter(cal), _copy(digits_model)
+    assert not fresh.use_reference(model, elsewhere) and not fresh.use_reference(_copy(digits_model), None)
+    assert torch.equal(fresh.reference, own.reference)  # measured its own, the same way
 
 
 def test_calibration_is_class_balanced_and_seeded(digits):

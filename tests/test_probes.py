@@ -85,6 +85,31 @@ def test_sensitivity_tasks_match_in_process(setup, digits_model):
     assert len({row["pid"] for row in rows.values()}) >= 1
 
 
+def test_actors_and_tasks_adopt_g0_measured_once(setup, digits_model):
+    """The driver measures G₀ once on the CPU with one thread (``pipeline.reference_of``): the actors and the
+    sensitivity tasks adopt it and measure exactly what they measure with their own G₀ (one thread each, this
+    machine), and a probe that removes nothing still gives ΔG = 0."""
+    from geoprune_ray.distributed.pipeline import reference_of
+
+    calibration, _, base = setup
+    reference = reference_of(digits_model, calibration, True)
+    ratios = [0.0, *probe_ratios(4, 0.5, seed=0)]
+    records = {}
+    for name, ref in (("own", None), ("adopted", reference)):
+        pool = ProbePool.start(TARGET, True, PoolSpec(actors=2), f"probe-g0-{name}")
+        try:
+            pool.load(digits_model, calibration, ref)
+            assert {i["g0"] for i in pool.identities} == {"adopted" if ref else "measured"}
+            records[name] = [rec["delta_g"] for rec in pool.map("measure", [(r,) for r in ratios])]
+        finally:
+            pool.shutdown()
+    assert records["adopted"] == records["own"] and records["adopted"][0] == 0.0 and max(records["own"]) > 0
+    names = [g.name for g in dependency_groups(base, TARGET.input_shape, 10)]
+    rows = {name: run_sensitivity(share(digits_model, calibration, ref), TARGET, True, names, 0.5, chunks=1)
+            for name, ref in (("own", None), ("adopted", reference))}
+    assert {n: r["delta_g"] for n, r in rows["adopted"].items()} == {n: r["delta_g"] for n, r in rows["own"].items()}
+
+
 def test_killing_a_probe_actor_mid_probe_keeps_the_sample(setup, digits_model):
     calibration, meter, base = setup
     with probe_pool(digits_model, calibration, "probe-kill") as pool:

@@ -151,6 +151,19 @@ class Calibration:
             yield normalize(chunk, self.mean, self.std)
 
 
+@dataclass
+class Reference:
+    """A base model's recalibrated weights, G₀ and features on the calibration set, measured once
+    (``GeometryMeter.reference_of``) and adopted by other processes on the same kind of device
+    (``GeometryMeter.use_reference``), which then skip the recalibration and the forward pass. Measured
+    with the thread count those processes measure with, an unpruned copy still gives ΔG = 0 exactly."""
+
+    state_dict: dict[str, Tensor]  # on the CPU
+    geometry: Tensor
+    features: Tensor
+    device: str  # the device type it was measured on
+
+
 class GeometryMeter:
     """Measures G and ΔG of models against a reference, after recalibrating their BatchNorm.
 
@@ -188,6 +201,26 @@ class GeometryMeter:
         self.reference = class_geometry(self.reference_features, self.calibration.labels,
                                         self.calibration.num_classes)
         return self.reference
+
+    def reference_of(self, base: nn.Module) -> Reference:
+        """What ``set_reference(base)`` left, for other processes to adopt."""
+        if self.reference is None:
+            raise RuntimeError("set_reference() first")
+        return Reference({k: v.detach().cpu() for k, v in base.state_dict().items()}, self.reference.cpu(),
+                         self.reference_features.cpu(), self.calibration.device.type)
+
+    def use_reference(self, base: nn.Module, reference: Optional[Reference]) -> bool:
+        """Adopt ``reference`` (loading its recalibrated weights into ``base``) where it was measured on this meter's
+        kind of device, else ``set_reference(base)``; True if adopted."""
+        device = self.calibration.device
+        if reference is None or reference.device != device.type:
+            self.set_reference(base)
+            return False
+        base.load_state_dict(reference.state_dict)
+        base.eval()
+        self.reference = reference.geometry.to(device)
+        self.reference_features = reference.features.to(device)
+        return True
 
     def noise(self, splits: int, seed: int) -> float:
         if self.reference_features is None:

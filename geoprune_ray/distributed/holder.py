@@ -10,20 +10,25 @@ and holds refs, not copies; the driver owns the objects and keeps them alive.
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import ray
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..core.geometry import Calibration
+    from ..core.geometry import Calibration, Reference
 
 
-def share(base: "nn.Module", calibration: "Calibration") -> dict[str, ray.ObjectRef]:
+def share(base: "nn.Module", calibration: "Calibration",
+          reference: Optional["Reference"] = None) -> dict[str, ray.ObjectRef]:
     """One CPU copy of the base model and of the calibration set in the object store, owned by the caller:
-    the probe actors (through the holder) and the sensitivity tasks all read these two."""
-    return {"base": ray.put(copy.deepcopy(base).cpu()), "calibration": ray.put(calibration.to("cpu"))}
+    the probe actors (through the holder) and the sensitivity tasks all read these two; with ``reference``
+    (the base's G₀, measured once) also that, which those on its kind of device adopt."""
+    shared = {"base": ray.put(copy.deepcopy(base).cpu()), "calibration": ray.put(calibration.to("cpu"))}
+    if reference is not None:
+        shared["reference"] = ray.put(reference)
+    return shared
 
 
 def actor_name(run_id: str, index: int) -> str:

@@ -18,6 +18,7 @@ with ``Tuner.restore``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import logging
@@ -37,7 +38,7 @@ import torch
 from ray import tune
 
 from ..core import protocol
-from ..core.geometry import Calibration
+from ..core.geometry import Calibration, GeometryMeter, Reference
 from ..core.method import Controller, PruneTarget, probe_ratios
 from ..core.protocol import SCHEMA_VERSION
 from ..core.pruning import dependency_groups, macs_params, replay_pruning, save_pruned
@@ -89,6 +90,18 @@ def connect(address: Optional[str] = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise GeopruneError(f"cannot connect to the Ray cluster at {address or 'local'}: {str(exc).splitlines()[0]}",
                             "check the GCS address (host:6379) and that the cluster is up") from None
+
+
+def reference_of(model: torch.nn.Module, calibration: Calibration, bn_recalibration: bool) -> Reference:
+    """The base model's recalibrated weights, G₀ and features, measured on the CPU with one torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        meter, base = GeometryMeter(calibration.to("cpu"), bn_recalibration), copy.deepcopy(model).cpu()
+        meter.set_reference(base)
+        return meter.reference_of(base)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def check_gcs_address(address: str, timeout: float = 5.0) -> None:
@@ -234,8 +247,16 @@ class Pipeline:
         # controller, which the search provides; the steps are answered by the actors. When the controller stops,
         # the hook settles every arm on the actors, publishes the plans and gives the actors back, and the other
         # fine-tunes follow on what they held.
+        reference = None
+        if pool is not None and not res.use_gpu:
+            # G₀ once, here, for every process on the CPU (probe actors, sensitivity tasks, fine-tune workers), where
+            # each used to recalibrate the base and measure it again; with one torch thread, as the actors and tasks
+            # measure, so an unpruned copy still gives ΔG = 0 exactly. Processes on a GPU measure their own.
+            measured = time.time()
+            reference = reference_of(model, calibration, cfg.bn_recalibration)
+            self._span("reference", measured)
         if pool is not None:
-            pool.hand(model, calibration)  # the actors fetch them (and measure G₀) while the experiment starts
+            pool.hand(model, calibration, reference)  # the actors fetch them while the experiment starts
         calibration_ref = pool.shared["calibration"] if pool else ray.put(calibration)  # the actors' copy, reused
         arms_wanted = list(spec.protocol.arms)
         concurrent = side_by_side(res, len(arms_wanted))
@@ -249,7 +270,7 @@ class Pipeline:
         ctx = TrialContext(run_id, spec.resources.probe_actors, card.to_dict(),
                            spec.finetune_config().to_dict(), data_ref, ray.put(model.state_dict()), calibration_ref,
                            target, cfg.bn_recalibration, self.run.uri("train"), res.scaling, spec.protocol.finetune_all,
-                           arm_scaling, early)
+                           arm_scaling, early, pool.shared.get("reference") if pool else None)
         board = progress.board  # the arms' plans go on the run's progress board
         if self.stage("arms"):  # a resumed run: its fine-tunes find the plans at once
             ray.get(board.publish.remote(self.stage("arms")["plans"]))

@@ -19,7 +19,7 @@ import ray
 import torch
 from torch import nn
 
-from ..core.geometry import Calibration, GeometryMeter
+from ..core.geometry import Calibration, GeometryMeter, Reference
 from ..core.method import PruneTarget, measure
 from ..core.pruning import macs_params, prune_copy
 from ..core.speed import compare_speed
@@ -53,12 +53,13 @@ class ProbeActor:
 
     def load(self) -> dict[str, Any]:
         """Fetch the base model and calibration set by the run's name (not as arguments: a restarted actor
-        fetches them again) and measure G₀; idempotent."""
+        fetches them again) and measure G₀, or adopt the one measured once for the run (``g0`` in ``info``); idempotent."""
         if self.meter is None:
             shared = fetch(self.run_id)
             meter = GeometryMeter(shared["calibration"].to(self.device), self.bn_recalibration)
             self.base = copy.deepcopy(shared["base"]).to(self.device)
-            meter.set_reference(self.base)
+            adopted = meter.use_reference(self.base, shared.get("reference"))
+            self.identity["g0"] = "adopted" if adopted else "measured"
             self.meter = meter
         return self.info()
 
@@ -147,16 +148,17 @@ class ProbePool:
                        for name in self.names]
         self.started_at = time.monotonic()
 
-    def load(self, base: nn.Module, calibration: Calibration) -> None:
-        """Hand the actors the base model and calibration set and wait until every one holds them (and G₀)."""
-        self.hand(base, calibration)
+    def load(self, base: nn.Module, calibration: Calibration, reference: Optional[Reference] = None) -> None:
+        """Hand the actors the base model and calibration set (and ``reference``) and wait until every one holds them
+        (and G₀)."""
+        self.hand(base, calibration, reference)
         self.wait_loaded()
 
-    def hand(self, base: nn.Module, calibration: Calibration) -> None:
-        """Put the base model and calibration set where the actors fetch them (``shared``: their object refs); returns
-        at once."""
+    def hand(self, base: nn.Module, calibration: Calibration, reference: Optional[Reference] = None) -> None:
+        """Put the base model and calibration set (and the base's ``reference``, G₀ measured once) where the actors
+        fetch them (``shared``: their object refs); returns at once."""
         # One copy of each in the object store, read by every actor (and the sensitivity tasks); the driver owns them.
-        self.shared = share(base, calibration)
+        self.shared = share(base, calibration, reference)
         self.holder = SharedObjects.options(name=holder_name(self.run_id)).remote(self.shared)
 
     def wait_loaded(self) -> None:

@@ -35,3 +35,4 @@ class ArmJob:
     bn_recalibration: bool = True
     board: Optional[str] = None  # the name of the run's progress board, which carries the plans
     arm: Optional[str] = None
+    reference_ref: Any = None  # ObjectRef of the base's Reference (G₀ measured once), adopted on its kind of device

@@ -10,25 +10,25 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ray
 import torch
 from torch import nn
 
-from ..core.geometry import Calibration, GeometryMeter
+from ..core.geometry import Calibration, GeometryMeter, Reference
 from ..core.method import PruneTarget, measure
 from .probes import device_for
 
 
 @ray.remote(max_retries=3)
 def sensitivity_chunk(base: nn.Module, calibration: Calibration, target: PruneTarget, bn_recalibration: bool,
-                      names: Sequence[str], ratio: float) -> list[dict[str, Any]]:
+                      names: Sequence[str], ratio: float, reference: Optional[Reference] = None) -> list[dict[str, Any]]:
     torch.set_num_threads(1)
     device = device_for(ray.get_gpu_ids())
     meter = GeometryMeter(calibration.to(device), bn_recalibration)
     base = copy.deepcopy(base).to(device)
-    meter.set_reference(base)
+    meter.use_reference(base, reference)
     rows = []
     for name in names:
         res = measure(base, meter, {name: ratio}, target)
@@ -46,10 +46,11 @@ def submit_sensitivity(shared: Mapping[str, ray.ObjectRef], target: PruneTarget,
                        names: Sequence[str], ratio: float, chunks: int, cpus: float = 0.5,
                        gpus: float = 0.0) -> list[ray.ObjectRef]:
     """Start the tasks that measure ΔG_L for every group in ``names``, ``chunks`` of them; ``shared``: the object
-    refs of the base model and calibration set (``holder.share``; a probe pool's ``shared``)."""
+    refs of the base model and calibration set, and of the base's G₀ where it was measured once (``holder.share``; a
+    probe pool's ``shared``)."""
     task = sensitivity_chunk.options(num_cpus=cpus, num_gpus=gpus)
-    return [task.remote(shared["base"], shared["calibration"], target, bn_recalibration, chunk, ratio)
-            for chunk in chunked(names, chunks)]
+    return [task.remote(shared["base"], shared["calibration"], target, bn_recalibration, chunk, ratio,
+                        shared.get("reference")) for chunk in chunked(names, chunks)]
 
 
 def by_group(results: Sequence[Sequence[dict[str, Any]]]) -> dict[str, dict[str, Any]]:

@@ -95,7 +95,7 @@ def train_worker(config: dict) -> None:
             _hand_over(run_id, config["handover"], model, current["history"], {**metrics, "device": str(device)})
         return
     meter = GeometryMeter(ray.get(job.calibration_ref).to(device), job.bn_recalibration)
-    meter.set_reference(model)
+    meter.use_reference(model, ray.get(job.reference_ref) if job.reference_ref is not None else None)
     ratios, plan = job.ratios, {}
     if ratios is None:  # launched while the controller ran: everything is loaded, now the arm's ratios
         plan = ray.get(ray.get_actor(job.board).plan.remote(job.arm))

@@ -48,6 +48,7 @@ class TrialContext:
     finetune_all: bool = False
     arm_scaling: Optional[Scaling] = None  # an arm's fine-tune (default: ``scaling``)
     early: int = 0  # fine-tunes launched beside the steps
+    reference_ref: Any = None  # ObjectRef of the base's Reference (G₀ measured once by the driver), or None
 
 
 def search_trial(config: dict, ctx: TrialContext) -> None:
@@ -81,7 +82,8 @@ def pruning_trial(config: dict, ctx: TrialContext) -> None:
                  "finished": time.time()})
     if ctx.finetune_all and accepted:
         _finetune(ctx, started, "adaptive", ArmJob(config["ratios"], ctx.calibration_ref, ctx.target,
-                                                   ctx.bn_recalibration), ctx.scaling, step=config["step"], r=config["r"])
+                                                   ctx.bn_recalibration, reference_ref=ctx.reference_ref), ctx.scaling,
+                  step=config["step"], r=config["r"])
 
 
 def step_threads(ctx: TrialContext, pool_threads: Sequence[int], index: int) -> int:
@@ -109,7 +111,8 @@ def finetune_trial(config: dict, ctx: TrialContext) -> None:
         from .searcher import SEARCHED
 
         ray.get(ray.get_actor(board_name(ctx.run_id)).value.remote(SEARCHED))
-    job = ArmJob(None, ctx.calibration_ref, ctx.target, ctx.bn_recalibration, board=board_name(ctx.run_id), arm=arm)
+    job = ArmJob(None, ctx.calibration_ref, ctx.target, ctx.bn_recalibration, board=board_name(ctx.run_id), arm=arm,
+                 reference_ref=ctx.reference_ref)
     _finetune(ctx, time.time(), arm, job, ctx.arm_scaling or ctx.scaling)
 
 
