@@ -86,13 +86,13 @@ def test_sensitivity_tasks_match_in_process(setup, digits_model):
 
 
 def test_actors_and_tasks_adopt_g0_measured_once(setup, digits_model):
-    """The driver measures G₀ once on the CPU with one thread (``pipeline.reference_of``): the actors and the
+    """The driver measures G₀ once on the CPU with one thread (``geometry.measure_reference``): the actors and the
     sensitivity tasks adopt it and measure exactly what they measure with their own G₀ (one thread each, this
     machine), and a probe that removes nothing still gives ΔG = 0."""
-    from geoprune_ray.distributed.pipeline import reference_of
+    from geoprune_ray.core.geometry import measure_reference
 
     calibration, _, base = setup
-    reference = reference_of(digits_model, calibration, True)
+    reference = measure_reference(digits_model, calibration, True)
     ratios = [0.0, *probe_ratios(4, 0.5, seed=0)]
     records = {}
     for name, ref in (("own", None), ("adopted", reference)):

@@ -74,7 +74,6 @@ def test_uniform_l2_reaches_the_target_macs_within_one_percent(digits_model):
     assert not m.within and m.gap != 0.0
 
 
-
 def test_adaptive_gc_is_not_measured_again_at_r_star():
     """The controller's accepted step at r* pruned the base with the final allocation: settling the arms reuses its
     ΔG, MACs and params instead of measuring that allocation a second time."""

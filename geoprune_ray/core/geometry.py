@@ -7,9 +7,11 @@ fixed set of training batches (switchable off to reproduce the paper literally).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -232,3 +234,24 @@ class GeometryMeter:
         if self.reference is None:
             raise RuntimeError("set_reference() first")
         return delta_g(self.geometry(model), self.reference)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[int]:
+    """Run the block with ``threads`` torch threads (0: as they are), then restore the count; yields the count used."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure_reference(model: nn.Module, calibration: Calibration, bn_recalibration: bool) -> Reference:
+    """A copy of ``model`` recalibrated, with its G₀ and features, measured on the CPU with one torch thread (as probe
+    actors and sensitivity tasks measure, so their unpruned copies give ΔG = 0 exactly)."""
+    with torch_threads(1):
+        meter, base = GeometryMeter(calibration.to("cpu"), bn_recalibration), copy.deepcopy(model).cpu()
+        meter.set_reference(base)
+        return meter.reference_of(base)

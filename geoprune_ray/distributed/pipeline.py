@@ -18,7 +18,6 @@ with ``Tuner.restore``.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import io
 import logging
@@ -38,7 +37,7 @@ import torch
 from ray import tune
 
 from ..core import protocol
-from ..core.geometry import Calibration, GeometryMeter, Reference
+from ..core.geometry import Calibration, measure_reference
 from ..core.method import Controller, PruneTarget, probe_ratios
 from ..core.protocol import SCHEMA_VERSION
 from ..core.pruning import dependency_groups, macs_params, replay_pruning, save_pruned
@@ -90,18 +89,6 @@ def connect(address: Optional[str] = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise GeopruneError(f"cannot connect to the Ray cluster at {address or 'local'}: {str(exc).splitlines()[0]}",
                             "check the GCS address (host:6379) and that the cluster is up") from None
-
-
-def reference_of(model: torch.nn.Module, calibration: Calibration, bn_recalibration: bool) -> Reference:
-    """The base model's recalibrated weights, G₀ and features, measured on the CPU with one torch thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        meter, base = GeometryMeter(calibration.to("cpu"), bn_recalibration), copy.deepcopy(model).cpu()
-        meter.set_reference(base)
-        return meter.reference_of(base)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def check_gcs_address(address: str, timeout: float = 5.0) -> None:
@@ -253,7 +240,7 @@ class Pipeline:
             # each used to recalibrate the base and measure it again; with one torch thread, as the actors and tasks
             # measure, so an unpruned copy still gives ΔG = 0 exactly. Processes on a GPU measure their own.
             measured = time.time()
-            reference = reference_of(model, calibration, cfg.bn_recalibration)
+            reference = measure_reference(model, calibration, cfg.bn_recalibration)
             self._span("reference", measured)
         if pool is not None:
             pool.hand(model, calibration, reference)  # the actors fetch them while the experiment starts

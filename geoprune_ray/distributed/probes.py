@@ -19,7 +19,7 @@ import ray
 import torch
 from torch import nn
 
-from ..core.geometry import Calibration, GeometryMeter, Reference
+from ..core.geometry import Calibration, GeometryMeter, Reference, torch_threads
 from ..core.method import PruneTarget, measure
 from ..core.pruning import macs_params, prune_copy
 from ..core.speed import compare_speed
@@ -76,14 +76,8 @@ class ProbeActor:
         also the recalibrated copy's top-1 on it (``top1``). ``threads``: torch threads for this call only (a
         controller step runs alone on the pool, see ``ProbePool.step_threads``)."""
         self.load()
-        before = torch.get_num_threads()
-        if threads:
-            torch.set_num_threads(threads)
-        try:
-            used = torch.get_num_threads()
+        with torch_threads(threads) as used:
             res = measure(self.base, self.meter, ratios, self.target, eval_set)
-        finally:
-            torch.set_num_threads(before)
         extra = {} if res.top1 is None else {"top1": res.top1}
         return {"delta_g": res.delta_g, "macs": res.macs, "params": res.params, "seconds": res.seconds,
                 "threads": used, **extra, **self.identity}
