@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +100,18 @@ def test_step_capture_compiles_the_step_and_trains_alike(digits):
     eager, captured = ([h["loss"] for h in hist] for hist in histories)
     assert captured == pytest.approx(eager, rel=1e-3)
     assert TrainConfig().capture is False
+
+
+def test_warm_up_pays_the_first_optimizers_imports():
+    """A fine-tune worker launched early warms the training path up while it waits for its plan: after ``warm_up``,
+    building the optimizer a ``train`` builds imports nothing more (without it, the first one imports
+    ``torch._dynamo``)."""
+    code = ("import sys, torch; from geoprune_ray.core.config import TrainConfig; "
+            "from geoprune_ray.core.train import _optimizer, warm_up; cfg = TrainConfig(); "
+            "model = torch.nn.Conv2d(3, 4, 3); {}; before = set(sys.modules); _optimizer(model, cfg); "
+            "print(sorted(set(sys.modules) - before)[:3])")
+    cold, warm = (subprocess.run([sys.executable, "-c", code.format(step)], capture_output=True, text=True)
+                  for step in ("pass", "warm_up(cfg)"))
+    assert cold.returncode == 0 and warm.returncode == 0, (cold.stderr or warm.stderr).splitlines()[-1]
+    assert cold.stdout.strip() != "[]"  # the first optimizer imports (torch._dynamo): what warming up is for
+    assert warm.stdout.strip() == "[]"

@@ -86,6 +86,13 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch
                            lr=cfg.lr, momentum=cfg.momentum, nesterov=True, fused=fused or None)
 
 
+def warm_up(cfg: TrainConfig) -> None:
+    """Pay now what a process's first ``train`` pays once: its first optimizer imports ``torch._dynamo`` (about 1.2 s
+    on one core, more beside other work). A fine-tune worker launched early calls it while it waits for its plan, so
+    the import is not paid after the plan has arrived (BENCHMARKS.md §4)."""
+    _optimizer(nn.Linear(1, 1), cfg)
+
+
 def capture_step(model: nn.Module, device: torch.device) -> nn.Module:
     """``TrainConfig.capture``: the model's forward (and, through AOTAutograd, its backward) compiled for the batch's
     fixed shape; on CUDA replayed as CUDA graphs (``mode="reduce-overhead"``). Augmentation stays eager: it draws from

@@ -22,7 +22,7 @@ from ..core.config import TrainConfig
 from ..core.geometry import GeometryMeter
 from ..core.protocol import finetune_arm
 from ..core.pruning import ModelCard
-from ..core.train import evaluate, train
+from ..core.train import evaluate, train, warm_up
 from .probes import device_for
 from .progress import board_name, post
 from .launch import CHECKPOINT_FILE
@@ -98,6 +98,7 @@ def train_worker(config: dict) -> None:
     meter.use_reference(model, ray.get(job.reference_ref) if job.reference_ref is not None else None)
     ratios, plan = job.ratios, {}
     if ratios is None:  # launched while the controller ran: everything is loaded, now the arm's ratios
+        warm_up(cfg)  # the training path's one-time imports, before the plan rather than after it
         plan = ray.get(ray.get_actor(job.board).plan.remote(job.arm))
         ratios = plan["ratios"]
     clock["started"] = time.time()
