@@ -67,6 +67,9 @@ def test_one_declared_gpu_baseline_beside_the_actors(tmp_path):
     assert summary["resources"]["gpus_per_actor"] == 0.25 and summary["resources"]["gpus_per_worker"] == 0.5
     state = json.loads((storage / "state.json").read_text())
     assert "baseline" in state["stages"] and state["stages"]["baseline"]["started"] < state["spans"]["actors"]["finished"]
+    # the actors started once the baseline's worker had (its launch is not slowed by their start-up), before it ended
+    spans = state["spans"]
+    assert spans["baseline_launch"]["finished"] <= spans["actors"]["started"] < state["stages"]["baseline"]["finished"]
     probes = pq.read_table(storage / "probes.parquet").to_pylist()
     assert {",".join(p["gpu_ids"]) for p in probes} == {"0"}
     finetune = [t for t in pq.read_table(storage / "trials.parquet").to_pylist() if t["kind"] == "finetune"]

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
 import ray
@@ -26,12 +27,17 @@ def launch(ray_cluster, digits, tmp_path_factory):
 
 def test_a_baseline_hands_its_weights_over_before_the_teardown(launch):
     card, state, data_ref, storage = launch
-    progress, teardowns = Progress("handover-test"), []
+    progress, teardowns, started = Progress("handover-test"), [], []
     try:
+        launched = time.time()
         weights, history, metrics = fit(card, ray.put(state), data_ref, TrainConfig(epochs=1, batch_size=64, lr=0.1),
                                         Scaling(1, False, 0.5), storage, name="baseline",
-                                        progress=("handover-test", "baseline"), teardowns=teardowns)
+                                        progress=("handover-test", "baseline"), teardowns=teardowns,
+                                        on_started=started.append)
+        returned = time.time()
         assert len(teardowns) == 1  # returned with Ray Train's run still to be joined
+        # told once, with the time the worker started (what the pipeline holds back until then: its probe actors)
+        assert len(started) == 1 and launched < started[0] < returned
         run = teardowns[0]
         join_teardowns(teardowns)
     finally:

@@ -45,7 +45,7 @@ from ..core.reference import provenance, resolve
 from ..core.train import evaluate
 from ..errors import GeopruneError, Interrupted, first_line
 from .job import JobSpec
-from .probes import START_TIMEOUT_S, PoolSpec, ProbePool
+from .probes import START_TIMEOUT_S, PoolSpec, PoolStarter, ProbePool
 from .progress import Progress
 from .rundir import RunDir
 from .searcher import RatioSearcher, on_converged, provide
@@ -185,24 +185,22 @@ class Pipeline:
         calibration = Calibration.from_dataset(train_set, cfg)
         pool_spec = PoolSpec(spec.resources.probe_actors, spec.resources.cpus_per_actor, res.gpus_per_actor)
 
-        # 1. the probe actors start (processes, imports, CUDA contexts) while the baseline trains
-        pool: Optional[ProbePool] = None
+        # 1. the probe actors start (processes, imports, CUDA contexts) while the baseline trains: once its worker
+        # has started (``PoolStarter``)
         baseline_scaling_now = whole_nodes(res.scaling, reserved=pool_spec.actors * pool_spec.cpus_per_actor)
-        if not self.stage("arms"):
-            pool_started = time.time()
-            pool = ProbePool.start(target, cfg.bn_recalibration, pool_spec, run_id,
-                                   max(START_TIMEOUT_S, spec.resources.wait_for_gpu_s))
+        starter = None if self.stage("arms") else PoolStarter(lambda: ProbePool.start(
+            target, cfg.bn_recalibration, pool_spec, run_id, max(START_TIMEOUT_S, spec.resources.wait_for_gpu_s)))
         teardowns: list = []  # Ray Train runs that handed their result over and are still ending
         try:
-            return self._stages(res, pool, pool_started if pool else 0.0, baseline_scaling_now, model, train_set,
-                                test_set, card, target, data_ref, calibration, progress, teardowns)
+            return self._stages(res, starter, baseline_scaling_now, model, train_set, test_set, card, target, data_ref,
+                                calibration, progress, teardowns)
         finally:
             join_teardowns(teardowns)
-            if pool is not None:
-                pool.shutdown()
+            if starter is not None:
+                starter.shutdown()
 
-    def _stages(self, res, pool, pool_started, base_scaling, model, train_set, test_set, card, target, data_ref,
-                calibration, progress, teardowns: list) -> dict[str, Any]:
+    def _stages(self, res, starter: Optional[PoolStarter], base_scaling, model, train_set, test_set, card, target,
+                data_ref, calibration, progress, teardowns: list) -> dict[str, Any]:
         spec, cfg = self.spec, self.cfg
         run_id = self.state["run_id"]
 
@@ -215,14 +213,21 @@ class Pipeline:
                      spec.protocol.baseline_epochs)
             # the worker hands the weights over once the final checkpoint is stored: the actors take them while Ray
             # Train tears the run down
+            def worker_started(at: float) -> None:  # the launch's start-up is paid: now the actors start
+                self._span("baseline_launch", started, at)
+                if starter is not None:
+                    starter.start()
+
             state, _, metrics = fit(card, ray.put(model.state_dict()), data_ref, spec.baseline_config(), base_scaling,
                                     self.run.uri("train"), name="baseline", progress=(run_id, "baseline"),
-                                    teardowns=teardowns)
+                                    teardowns=teardowns, on_started=worker_started)
             model.load_state_dict(state)
             buffer = io.BytesIO()
             torch.save(state, buffer)
             self.run.write_bytes("baseline.pt", buffer.getvalue())
             self._done("baseline", started, top1=metrics["top1"])
+        pool = starter.start() if starter is not None else None
+        pool_started = starter.started if starter is not None else 0.0
         base_macs, base_params = macs_params(model, card.input_shape)
         groups = dependency_groups(model, card.input_shape, card.num_classes)
         channels = {g.name: g.channels for g in groups}

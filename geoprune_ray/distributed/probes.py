@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import ray
 import torch
@@ -197,6 +197,27 @@ class ProbePool:
         if self.holder is not None:
             ray.kill(self.holder)
         self.actors, self.holder = [], None
+
+
+class PoolStarter:
+    """Starts a run's probe pool once, when first asked: by the baseline's launch once its worker has started (the
+    actors' start-up then overlaps the worker's own set-up and training instead of slowing its launch: each is a new
+    process importing torch), or by the run when it needs the actors (no baseline to train, or it failed to say)."""
+
+    def __init__(self, start: Callable[[], ProbePool]) -> None:
+        self._start = start
+        self.pool: Optional[ProbePool] = None
+        self.started = 0.0  # when the actors were created (the time line's "actors" span)
+
+    def start(self) -> ProbePool:
+        if self.pool is None:
+            self.started = time.time()
+            self.pool = self._start()
+        return self.pool
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def device_for(gpu_ids: Sequence[Any]) -> torch.device:

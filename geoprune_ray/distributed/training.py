@@ -25,7 +25,7 @@ from ..core.pruning import ModelCard
 from ..core.train import evaluate, train, warm_up
 from .probes import device_for
 from .progress import board_name, post
-from .launch import CHECKPOINT_FILE
+from .launch import CHECKPOINT_FILE, started_key
 from .scaling import ArmJob
 
 
@@ -60,6 +60,8 @@ def train_worker(config: dict) -> None:
     if device.type == "cuda":
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)  # what TorchConfig's context did; one worker runs without it (``_trainer``)
+    if rank == 0 and config.get("handover"):  # the driver starts what it held back so as not to slow this start
+        ray.get_actor(board_name(config["progress"][0])).deliver.remote(started_key(config["handover"]), time.time())
     card = ModelCard.from_dict(config["card"])
     model = card.build()
     model.load_state_dict(ray.get(config["state_ref"]))
