@@ -21,7 +21,7 @@ from ..core.models import build_model
 from ..core.pruning import ModelCard
 from ..distributed.job import JobSpec
 from ..distributed.pipeline import run_job
-from ..distributed.launch import fit
+from ..distributed.launch import FINETUNE_POLL_S, fit
 from ..distributed.scaling import Scaling
 from .core import synthetic_set
 
@@ -101,7 +101,8 @@ class PeakMemory:
 def train_launch_cost(repeats: int = 2) -> dict[str, Any]:
     """Wall time of a Ray Train run that trains nothing (0 epochs, 64 test images): the fixed cost of a launch, split
     into start-up (controller, worker group and process group, up to the worker's first line), the worker's own
-    work, and the end (the final checkpoint's upload, teardown, the result back in the caller)."""
+    work, and the end (the final checkpoint's upload, teardown, the result back in the caller); its workers are polled
+    as a fine-tune's are (``launch.FINETUNE_POLL_S``)."""
     card = ModelCard("convnet", 10, 3, 0.25, (3, 8, 8), (0.5,) * 3, (0.25,) * 3)
     data = synthetic_set(64, 10, (3, 8, 8))
     data_ref = ray.put((data, data))
@@ -111,7 +112,7 @@ def train_launch_cost(repeats: int = 2) -> dict[str, Any]:
         for i in range(repeats):
             start = time.time()
             _, _, metrics = fit(card, state_ref, data_ref, TrainConfig(epochs=0, batch_size=64),
-                                Scaling(1, False, 0.5), storage, name=f"launch-{i}")
+                                Scaling(1, False, 0.5), storage, name=f"launch-{i}", poll_s=FINETUNE_POLL_S)
             end = time.time()
             runs.append({"launch_s": end - start, "startup_s": metrics["worker_entered"] - start,
                          "worker_s": metrics["worker_reported"] - metrics["worker_entered"],

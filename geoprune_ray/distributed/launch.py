@@ -33,6 +33,14 @@ CHECKPOINT_FILE = "model.pt"
 # "1" in every process of a Ray without an autoscaler: the driver of an embedded Ray sets it before starting it.
 NO_AUTOSCALER_ENV = "GEOPRUNE_NO_AUTOSCALER"
 HANDOVER_POLL_S = 1.0  # how long one wait on the board lasts before the driver checks that the run still lives
+# How often Ray Train's controller polls a run's workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default): it
+# learns from the polls that the workers have reported and finished, so an empty launch ends 1.45 s after its worker
+# did at 1 s, 0.83 s at 0.5 s and 0.31 s at 0.25 s (bench: train_launch_cost; BENCHMARKS.md §4). A fine-tune's end
+# is the run's end: polled every 0.25 s. A baseline hands its weights over before the teardown, and its training is
+# the longest: every second (a poll costs its controller about 0.01-0.03 of a core at 0.25 s).
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+BASELINE_POLL_S, FINETUNE_POLL_S = 1.0, 0.25
+_USER_POLL_S = os.environ.get(POLL_ENV)  # a user's own setting, read before this module sets its own
 
 log = logging.getLogger("geoprune_ray")
 
@@ -54,7 +62,7 @@ def _worker_resources(scaling: Scaling) -> dict[str, float]:
 def fit(card: "ModelCard | dict", state_ref: Any, data_ref: Any, cfg: TrainConfig, scaling: Scaling, storage: str,
         name: str, arm: Optional[ArmJob] = None, progress: Optional[tuple[str, str]] = None,
         teardowns: Optional[list["_Run"]] = None, weights: bool = True,
-        on_started: Optional[Callable[[float], Any]] = None,
+        on_started: Optional[Callable[[float], Any]] = None, poll_s: Optional[float] = None,
         ) -> tuple[Optional[dict[str, "torch.Tensor"]], Optional[list], dict[str, Any]]:
     """Train the model ``state_ref`` holds through Ray Train: the baseline as it is, or, given ``arm``, a pruned copy
     (pruned, measured and fine-tuned on the worker). Returns the final weights, the pruning history and the last
@@ -64,12 +72,12 @@ def fit(card: "ModelCard | dict", state_ref: Any, data_ref: Any, cfg: TrainConfi
     worker has stored the final checkpoint and handed the weights over; Ray Train's teardown goes on in a thread,
     appended to ``teardowns`` for the caller to join (``join_teardowns``). The metrics then lack
     ``checkpoint_path``. ``on_started(when)`` is called once the worker has started (its process and imports paid),
-    or at once where the launch hands nothing over: what the caller starts there does not slow the launch down."""
-    # Train's controller learns that the workers have finished by polling them (every 2 s by default): an empty
-    # launch then ends 4.4 s after its worker did, 0.3 s when polled every 0.1 s (bench: train_launch_cost). Each
-    # poll is a call into the training process, so polling often slows its epochs on a small CPU: once a second.
-    # Ray Train hands the variable on to its controller; a user's own setting wins.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1")
+    or at once where the launch hands nothing over: what the caller starts there does not slow the launch down.
+    ``poll_s``: how often Ray Train's controller polls the workers (``BASELINE_POLL_S``, ``FINETUNE_POLL_S``)."""
+    # Train's controller learns that the workers have finished by polling them (every 2 s by default), and reads
+    # the interval from this process's environment when the run starts; a user's own setting wins.
+    os.environ[POLL_ENV] = _USER_POLL_S or str(poll_s if poll_s is not None else
+                                               (BASELINE_POLL_S if arm is None else FINETUNE_POLL_S))
     handover = f"{name}-{uuid.uuid4().hex[:8]}" if teardowns is not None and progress and arm is None else None
     trainer = _trainer({"card": card if isinstance(card, dict) else card.to_dict(), "state_ref": state_ref,
                         "data_ref": data_ref, "arm": arm, "train": cfg.to_dict(), "threads": scaling.torch_threads,
