@@ -211,13 +211,13 @@ class Pipeline:
         elif spec.model.weights is None and spec.protocol.baseline_epochs > 0:
             log.info("stage baseline: training %s for %d epochs through Ray Train", card.arch,
                      spec.protocol.baseline_epochs)
-            # the worker hands the weights over once the final checkpoint is stored: the actors take them while Ray
-            # Train tears the run down
             def worker_started(at: float) -> None:  # the launch's start-up is paid: now the actors start
                 self._span("baseline_launch", started, at)
                 if starter is not None:
                     starter.start()
 
+            # the worker hands the weights over once the final checkpoint is stored: the actors take them while Ray
+            # Train tears the run down
             state, _, metrics = fit(card, ray.put(model.state_dict()), data_ref, spec.baseline_config(), base_scaling,
                                     self.run.uri("train"), name="baseline", progress=(run_id, "baseline"),
                                     teardowns=teardowns, on_started=worker_started)
