@@ -162,24 +162,25 @@ def _fit_in_background(trainer: Any, run_id: str, key: str, name: str,
     run = _Run(trainer, name)
     run.start()
     board = ray.get_actor(board_name(run_id))
-    while on_started is not None:
-        alive = run.is_alive()
-        when = ray.get(board.take.remote(started_key(key), HANDOVER_POLL_S))
+    if on_started is not None:
+        when = _take_while_alive(run, board, started_key(key))
         if when is not None:
             on_started(when)
-            break
-        if not alive:
-            break
-    while True:
-        alive = run.is_alive()  # read before the last wait: a hand-over made just before the end is still seen
-        delivered = ray.get(board.take.remote(key, HANDOVER_POLL_S))
-        if delivered is not None or not alive:
-            break
+    delivered = _take_while_alive(run, board, key)
     if delivered is None:
         run.join()
         if run.error is not None:
             raise run.error
     return run, delivered
+
+
+def _take_while_alive(run: _Run, board: Any, key: str) -> Optional[Any]:
+    """What the run's worker delivers on the board under ``key``, or None once the run has ended without it."""
+    while True:
+        alive = run.is_alive()  # read before the last wait: a delivery made just before the end is still seen
+        value = ray.get(board.take.remote(key, HANDOVER_POLL_S))
+        if value is not None or not alive:
+            return value
 
 
 def join_teardowns(teardowns: list["_Run"], timeout_s: float = 60.0) -> None:

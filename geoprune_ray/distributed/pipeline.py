@@ -227,7 +227,6 @@ class Pipeline:
             self.run.write_bytes("baseline.pt", buffer.getvalue())
             self._done("baseline", started, top1=metrics["top1"])
         pool = starter.start() if starter is not None else None
-        pool_started = starter.started if starter is not None else 0.0
         base_macs, base_params = macs_params(model, card.input_shape)
         groups = dependency_groups(model, card.input_shape, card.num_classes)
         channels = {g.name: g.channels for g in groups}
@@ -274,7 +273,7 @@ class Pipeline:
             try:
                 if pool is not None:
                     pool.wait_loaded()
-                    self._span("actors", pool_started)
+                    self._span("actors", pool.created)
                 if not self.stage("probes") or not self.stage("sensitivity"):
                     self._search(pool, model, test_set, target, channels, base_macs, progress, res.gpus_per_task)
                 probes = self.run.read_table("probes.parquet")

@@ -141,6 +141,7 @@ class ProbePool:
         self.actors = [ProbeActor.options(name=name, **options).remote(run_id, target, bn_recalibration)
                        for name in self.names]
         self.started_at = time.monotonic()
+        self.created = time.time()  # the time line's "actors" span starts here
 
     def load(self, base: nn.Module, calibration: Calibration, reference: Optional[Reference] = None) -> None:
         """Hand the actors the base model and calibration set (and ``reference``) and wait until every one holds them
@@ -207,11 +208,9 @@ class PoolStarter:
     def __init__(self, start: Callable[[], ProbePool]) -> None:
         self._start = start
         self.pool: Optional[ProbePool] = None
-        self.started = 0.0  # when the actors were created (the time line's "actors" span)
 
     def start(self) -> ProbePool:
         if self.pool is None:
-            self.started = time.time()
             self.pool = self._start()
         return self.pool
 
