@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 from conftest import small_method
 from geoprune_ray.core.geometry import Calibration, GeometryMeter
@@ -86,24 +87,32 @@ def test_sensitivity_tasks_match_in_process(setup, digits_model):
 
 
 def test_actors_and_tasks_adopt_g0_measured_once(setup, digits_model):
-    """The driver measures G₀ once on the CPU with one thread (``geometry.measure_reference``): the actors and the
-    sensitivity tasks adopt it and measure exactly what they measure with their own G₀ (one thread each, this
-    machine), and a probe that removes nothing still gives ΔG = 0."""
+    """G₀ is measured once on the CPU with one thread (``geometry.measure_reference``), by the driver or, in a run,
+    by probe actor 0 while the driver goes on (``hand(..., measure_g0=True)``): the actors and the sensitivity tasks
+    adopt it and measure exactly what they measure with their own G₀ (one thread each, this machine), and a probe
+    that removes nothing still gives ΔG = 0."""
     from geoprune_ray.core.geometry import measure_reference
 
     calibration, _, base = setup
     reference = measure_reference(digits_model, calibration, True)
     ratios = [0.0, *probe_ratios(4, 0.5, seed=0)]
     records = {}
-    for name, ref in (("own", None), ("adopted", reference)):
-        pool = ProbePool.start(TARGET, True, PoolSpec(actors=2), f"probe-g0-{name}")
+    for name, ref in (("own", None), ("adopted", reference), ("actor 0's", None)):
+        pool = ProbePool.start(TARGET, True, PoolSpec(actors=2), f"probe-g0-{name[:5]}")
         try:
-            pool.load(digits_model, calibration, ref)
-            assert {i["g0"] for i in pool.identities} == {"adopted" if ref else "measured"}
+            pool.hand(digits_model, calibration, ref, measure_g0=name == "actor 0's")
+            pool.wait_loaded()
+            assert {i["g0"] for i in pool.identities} == {"measured" if name == "own" else "adopted"}
+            assert (pool.g0_measured is not None) == (name == "actor 0's")
+            if name == "actor 0's":  # the very numbers the driver measures
+                measured = ray.get(pool.shared["reference"])
+                assert torch.equal(measured.geometry, reference.geometry)
+                assert torch.equal(measured.features, reference.features)
             records[name] = [rec["delta_g"] for rec in pool.map("measure", [(r,) for r in ratios])]
         finally:
             pool.shutdown()
-    assert records["adopted"] == records["own"] and records["adopted"][0] == 0.0 and max(records["own"]) > 0
+    assert records["adopted"] == records["own"] == records["actor 0's"]
+    assert records["adopted"][0] == 0.0 and max(records["own"]) > 0
     names = [g.name for g in dependency_groups(base, TARGET.input_shape, 10)]
     rows = {name: run_sensitivity(share(digits_model, calibration, ref), TARGET, True, names, 0.5, chunks=1)
             for name, ref in (("own", None), ("adopted", reference))}

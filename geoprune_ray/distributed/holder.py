@@ -4,7 +4,9 @@ Probe actors restart after a crash, and Ray cannot promise a restarted actor the
 arguments it was created with (ray issue 53727; it logs an error for every such actor). So the
 actors take only small values and fetch the driver's object refs from this holder, found by the
 run's name: on a restart they fetch them again. The holder itself never restarts, imports no torch
-and holds refs, not copies; the driver owns the objects and keeps them alive.
+and holds refs, not copies; the driver owns the objects and keeps them alive. Actors that are loading
+for the first time are handed the refs in the call (``fetch(run_id, refs)``), so they never wait for
+the holder's process to start.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ class SharedObjects:
         return self.refs
 
 
-def fetch(run_id: str) -> dict[str, Any]:
-    """The shared objects themselves, in the calling worker."""
-    refs = ray.get(ray.get_actor(holder_name(run_id)).get.remote())
+def fetch(run_id: str, refs: Optional[dict[str, ray.ObjectRef]] = None) -> dict[str, Any]:
+    """The shared objects themselves, in the calling worker: from ``refs`` where the caller was handed them, else
+    from the run's holder (a restarted actor)."""
+    if refs is None:
+        refs = ray.get(ray.get_actor(holder_name(run_id)).get.remote())
     return dict(zip(refs, ray.get(list(refs.values()))))

@@ -37,7 +37,7 @@ import torch
 from ray import tune
 
 from ..core import protocol
-from ..core.geometry import Calibration, measure_reference
+from ..core.geometry import Calibration
 from ..core.method import Controller, PruneTarget, probe_ratios
 from ..core.protocol import SCHEMA_VERSION
 from ..core.pruning import dependency_groups, macs_params, replay_pruning, save_pruned
@@ -238,16 +238,13 @@ class Pipeline:
         # controller, which the search provides; the steps are answered by the actors. When the controller stops,
         # the hook settles every arm on the actors, publishes the plans and gives the actors back, and the other
         # fine-tunes follow on what they held.
-        reference = None
-        if pool is not None and not res.use_gpu:
-            # G₀ once, here, for every process on the CPU (probe actors, sensitivity tasks, fine-tune workers), where
-            # each used to recalibrate the base and measure it again; with one torch thread, as the actors and tasks
-            # measure, so an unpruned copy still gives ΔG = 0 exactly. Processes on a GPU measure their own.
-            measured = time.time()
-            reference = measure_reference(model, calibration, cfg.bn_recalibration)
-            self._span("reference", measured)
+        handed = time.time()
         if pool is not None:
-            pool.hand(model, calibration, reference)  # the actors fetch them while the experiment starts
+            # G₀ once, on probe actor 0, for every process on the CPU (probe actors, sensitivity tasks, fine-tune
+            # workers), where each used to recalibrate the base and measure it again; with one torch thread, as the
+            # actors and tasks measure, so an unpruned copy still gives ΔG = 0 exactly. It is measured while this
+            # thread starts the experiment. Processes on a GPU measure their own.
+            pool.hand(model, calibration, measure_g0=not res.use_gpu)  # the actors load while the experiment starts
         calibration_ref = pool.shared["calibration"] if pool else ray.put(calibration)  # the actors' copy, reused
         arms_wanted = list(spec.protocol.arms)
         concurrent = side_by_side(res, len(arms_wanted))
@@ -273,6 +270,8 @@ class Pipeline:
             try:
                 if pool is not None:
                     pool.wait_loaded()
+                    if pool.g0_measured is not None:
+                        self._span("reference", handed, pool.g0_measured)
                     self._span("actors", pool.created)
                 if not self.stage("probes") or not self.stage("sensitivity"):
                     self._search(pool, model, test_set, target, channels, base_macs, progress, res.gpus_per_task)

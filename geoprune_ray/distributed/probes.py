@@ -19,7 +19,7 @@ import ray
 import torch
 from torch import nn
 
-from ..core.geometry import Calibration, GeometryMeter, Reference, torch_threads
+from ..core.geometry import Calibration, GeometryMeter, Reference, measure_reference, torch_threads
 from ..core.method import PruneTarget, measure
 from ..core.pruning import macs_params, prune_copy
 from ..core.speed import compare_speed
@@ -51,11 +51,12 @@ class ProbeActor:
                          "actor": ctx.get_actor_name() or ctx.get_actor_id()[:12],
                          "restarted": restarted()}
 
-    def load(self) -> dict[str, Any]:
-        """Fetch the base model and calibration set by the run's name (not as arguments: a restarted actor
-        fetches them again) and measure G₀, or adopt the one measured once for the run (``g0`` in ``info``); idempotent."""
+    def load(self, refs: Optional[dict[str, ray.ObjectRef]] = None) -> dict[str, Any]:
+        """Fetch the base model and calibration set (from ``refs``, the pool's ``shared``, or by the run's name: a
+        restarted actor fetches them again from the holder) and measure G₀, or adopt the one measured once for the run
+        (``g0`` in ``info``); idempotent."""
         if self.meter is None:
-            shared = fetch(self.run_id)
+            shared = fetch(self.run_id, refs)
             meter = GeometryMeter(shared["calibration"].to(self.device), self.bn_recalibration)
             self.base = copy.deepcopy(shared["base"]).to(self.device)
             adopted = meter.use_reference(self.base, shared.get("reference"))
@@ -65,6 +66,11 @@ class ProbeActor:
 
     def info(self) -> dict[str, Any]:
         return dict(self.identity)
+
+    def reference(self, base: nn.Module, calibration: Calibration) -> Reference:
+        """The base's G₀, measured once for the run on the CPU with one torch thread (``geometry.measure_reference``)
+        for every process on the CPU to adopt: this actor's own ``load`` too, which is queued behind this call."""
+        return measure_reference(base, calibration, self.bn_recalibration)
 
     def noise(self, splits: int, seed: int) -> float:
         """G_noise of the base model on the resident calibration set."""
@@ -149,11 +155,19 @@ class ProbePool:
         self.hand(base, calibration, reference)
         self.wait_loaded()
 
-    def hand(self, base: nn.Module, calibration: Calibration, reference: Optional[Reference] = None) -> None:
+    def hand(self, base: nn.Module, calibration: Calibration, reference: Optional[Reference] = None,
+             measure_g0: bool = False) -> None:
         """Put the base model and calibration set (and the base's ``reference``, G₀ measured once) where the actors
-        fetch them (``shared``: their object refs); returns at once."""
+        fetch them (``shared``: their object refs); returns at once. With ``measure_g0`` (and no ``reference``),
+        actor 0 measures that reference while the caller goes on: ``shared["reference"]`` is the ref of its answer,
+        which the other actors, the sensitivity tasks and the fine-tunes adopt."""
         # One copy of each in the object store, read by every actor (and the sensitivity tasks); the driver owns them.
         self.shared = share(base, calibration, reference)
+        self.g0_measured: Optional[float] = None  # when actor 0 had measured G₀ (``wait_loaded``)
+        self._g0_pending = measure_g0 and reference is None
+        if self._g0_pending:
+            self.shared["reference"] = self.actors[0].reference.remote(self.shared["base"], self.shared["calibration"])
+        # for restarted actors; those loading now are handed the refs and never wait for this process to start
         self.holder = SharedObjects.options(name=holder_name(self.run_id)).remote(self.shared)
 
     def wait_loaded(self) -> None:
@@ -173,7 +187,10 @@ class ProbePool:
                                 f"{self.start_timeout_s:g} s: each asks for {spec.cpus_per_actor:g} CPU{gpus}; the "
                                 f"cluster has {have}",
                                 "lower resources.cpus_per_actor or resources.probe_actors, or add nodes")
-        self.identities = ray.get([a.load.remote() for a in self.actors])
+        if self._g0_pending:  # G₀, measured by actor 0 (``hand``)
+            ray.wait([self.shared["reference"]], fetch_local=False)
+            self.g0_measured, self._g0_pending = time.time(), False
+        self.identities = ray.get([a.load.remote(self.shared) for a in self.actors])
         log.info("%d probe actors ready: %s", len(self.actors),
                  ", ".join(f"pid {i['pid']} on {i['device']}" for i in self.identities))
 
