@@ -9,6 +9,7 @@ calls these functions unchanged (``rank``/``world_size`` shard the batches for D
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import time
@@ -84,6 +85,25 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch
     return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
                            lr=cfg.lr, momentum=cfg.momentum, nesterov=True, fused=fused or None)
+
+
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_heap() -> bool:
+    """Have glibc's malloc keep the memory this process has freed instead of giving it back to the kernel: blocks up
+    to 32 MiB (its largest allowed threshold) come from the heap, and the heap's top is trimmed only past 1 GiB free.
+    Called first thing in the Ray processes that compute (training workers, probe actors, sensitivity tasks), which
+    are new processes whose heap never settles: a fine-tune worker returned and faulted back in its activations'
+    pages at every step, about 1.9 million page faults and 5 s of system time per epoch of the quickstart, where the
+    one-process path, whose long-lived heap had settled, took none (BENCHMARKS.md §4). True if glibc took the
+    settings; elsewhere (macOS, musl) nothing changes."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in
+               ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
 
 
 def warm_up(cfg: TrainConfig) -> None:

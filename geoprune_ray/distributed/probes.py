@@ -23,6 +23,7 @@ from ..core.geometry import Calibration, GeometryMeter, Reference, measure_refer
 from ..core.method import PruneTarget, measure
 from ..core.pruning import macs_params, prune_copy
 from ..core.speed import compare_speed
+from ..core.train import keep_heap
 from ..errors import GeopruneError
 from .holder import SharedObjects, actor_name, fetch, holder_name, share
 from .progress import restarted
@@ -39,6 +40,7 @@ class ProbeActor:
     def __init__(self, run_id: str, target: PruneTarget, bn_recalibration: bool, threads: int = 1):
         # Cheap: the process, its imports and (on a GPU) the CUDA context. The base model and calibration set are
         # fetched by ``load`` once the baseline exists, so actors start while it trains.
+        keep_heap()
         torch.set_num_threads(threads)
         self.run_id, self.target, self.bn_recalibration = run_id, target, bn_recalibration
         self.device = device_for(ray.get_gpu_ids())

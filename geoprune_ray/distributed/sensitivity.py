@@ -18,12 +18,14 @@ from torch import nn
 
 from ..core.geometry import Calibration, GeometryMeter, Reference
 from ..core.method import PruneTarget, measure
+from ..core.train import keep_heap
 from .probes import device_for
 
 
 @ray.remote(max_retries=3)
 def sensitivity_chunk(base: nn.Module, calibration: Calibration, target: PruneTarget, bn_recalibration: bool,
                       names: Sequence[str], ratio: float, reference: Optional[Reference] = None) -> list[dict[str, Any]]:
+    keep_heap()
     torch.set_num_threads(1)
     device = device_for(ray.get_gpu_ids())
     meter = GeometryMeter(calibration.to(device), bn_recalibration)

@@ -22,7 +22,7 @@ from ..core.config import TrainConfig
 from ..core.geometry import GeometryMeter
 from ..core.protocol import finetune_arm
 from ..core.pruning import ModelCard
-from ..core.train import evaluate, train, warm_up
+from ..core.train import evaluate, keep_heap, train, warm_up
 from .probes import device_for
 from .progress import board_name, post
 from .launch import CHECKPOINT_FILE, started_key
@@ -53,6 +53,7 @@ def train_worker(config: dict) -> None:
     import ray.train.torch
 
     entered = time.time()  # the end of a launch's start-up (bench: train_launch_cost)
+    keep_heap()  # a new process: its heap keeps what each step frees
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
