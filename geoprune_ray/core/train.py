@@ -100,7 +100,7 @@ def keep_heap() -> bool:
     settings; elsewhere (macOS, musl) nothing changes."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # no C library to load by name (Windows), or no mallopt in it
         return False
     return all(mallopt(param, value) == 1 for param, value in
                ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
