@@ -150,6 +150,8 @@ class ProbePool:
                        for name in self.names]
         self.started_at = time.monotonic()
         self.created = time.time()  # the time line's "actors" span starts here
+        self.g0_measured: Optional[float] = None  # when actor 0 had measured G₀ (``hand(..., measure_g0=True)``)
+        self._g0: Optional[ray.ObjectRef] = None  # actor 0's G₀ while it is not known to be measured
 
     def load(self, base: nn.Module, calibration: Calibration, reference: Optional[Reference] = None) -> None:
         """Hand the actors the base model and calibration set (and ``reference``) and wait until every one holds them
@@ -165,10 +167,9 @@ class ProbePool:
         which the other actors, the sensitivity tasks and the fine-tunes adopt."""
         # One copy of each in the object store, read by every actor (and the sensitivity tasks); the driver owns them.
         self.shared = share(base, calibration, reference)
-        self.g0_measured: Optional[float] = None  # when actor 0 had measured G₀ (``wait_loaded``)
-        self._g0_pending = measure_g0 and reference is None
-        if self._g0_pending:
-            self.shared["reference"] = self.actors[0].reference.remote(self.shared["base"], self.shared["calibration"])
+        if measure_g0 and reference is None:
+            self._g0 = self.actors[0].reference.remote(self.shared["base"], self.shared["calibration"])
+            self.shared["reference"] = self._g0
         # for restarted actors; those loading now are handed the refs and never wait for this process to start
         self.holder = SharedObjects.options(name=holder_name(self.run_id)).remote(self.shared)
 
@@ -189,9 +190,9 @@ class ProbePool:
                                 f"{self.start_timeout_s:g} s: each asks for {spec.cpus_per_actor:g} CPU{gpus}; the "
                                 f"cluster has {have}",
                                 "lower resources.cpus_per_actor or resources.probe_actors, or add nodes")
-        if self._g0_pending:  # G₀, measured by actor 0 (``hand``)
-            ray.wait([self.shared["reference"]], fetch_local=False)
-            self.g0_measured, self._g0_pending = time.time(), False
+        if self._g0 is not None:  # G₀, measured by actor 0 (``hand``)
+            ray.wait([self._g0], fetch_local=False)
+            self.g0_measured, self._g0 = time.time(), None
         self.identities = ray.get([a.load.remote(self.shared) for a in self.actors])
         log.info("%d probe actors ready: %s", len(self.actors),
                  ", ".join(f"pid {i['pid']} on {i['device']}" for i in self.identities))
