@@ -1,15 +1,17 @@
 import copy
 import json
+import math
 import statistics
 
 import numpy as np
 import pytest
 
 from conftest import small_method
+from geoprune_ray.core.config import IMPORTANCE_NAMES, MethodConfig
 from geoprune_ray.core.geometry import Calibration, GeometryMeter
 from geoprune_ray.core.method import (Controller, PruneTarget, allocate, initial_ratio, layer_budgets, measure,
                                       probe_ratios, tau, weighted_ratio)
-from geoprune_ray.core.pruning import dependency_groups
+from geoprune_ray.core.pruning import IMPORTANCES, dependency_groups
 from geoprune_ray.errors import GeopruneError
 
 TARGET = PruneTarget((3, 8, 8), 10)
@@ -125,3 +127,43 @@ def test_allocation_favours_insensitive_groups_and_keeps_the_mean():
     assert max(capped.values()) == 0.9 and weighted_ratio(capped, channels) < 0.6
     with pytest.raises(GeopruneError):
         layer_budgets(0.1, sens, epsilon=0.0)
+
+
+# METHOD.md's settings out of range (each with the words of its message), and the edge of each range that is allowed
+BAD_METHOD = [("calib_per_class", 1, "at least 2"), ("calib_cap", 1, "at least 2"), ("bn_batches", 0, "at least 1"),
+              ("bn_batch_size", 0, "at least 1"), ("noise_splits", 1, "at least 2"), ("probes", 1, "at least 2"),
+              ("r_probe_max", 0, "outside (0, 1)"), ("r_probe_max", 1, "outside (0, 1)"),
+              ("sensitivity_ratio", 1.0, "outside (0, 1)"), ("r_max", 0.0, "outside (0, 1)"),
+              ("r0_default", 0, "outside (0, 1)"), ("beta", 0, "must be positive"), ("beta", -1, "must be positive"),
+              ("importance", "l3", "unknown value"), ("epsilon", -0.01, "is negative"), ("round_to", 0, "at least 1"),
+              ("controller", "pid", "unknown value"), ("delta", 0, "must be positive"),
+              ("gamma", -0.1, "must be positive"), ("t_max", 0, "at least 1"),
+              ("bisect_min_delta", 0, "must be positive"),
+              ("probes", "8", "should be of type int"), ("probes", True, "should be of type int"),
+              ("beta", True, "should be of type float"), ("bn_recalibration", 1, "should be of type bool")]
+FLOATS = ["r_probe_max", "beta", "sensitivity_ratio", "epsilon", "r_max", "r0_default", "delta", "gamma",
+          "bisect_min_delta"]
+EDGES = dict(calib_per_class=2, calib_cap=2, bn_batches=1, bn_batch_size=1, noise_splits=2, probes=2, r_probe_max=0.999,
+             beta=1e-6, sensitivity_ratio=1e-3, epsilon=0, r_max=0.999, round_to=1, r0_default=0.001, delta=1e-4,
+             gamma=1e-4, t_max=1, bisect_min_delta=1e-5, controller="bisect", importance="fpgm")
+
+
+@pytest.mark.parametrize("key,value,words", BAD_METHOD + [(k, v, "not a finite number") for k in FLOATS
+                                                         for v in (math.nan, math.inf, -math.inf)])
+def test_method_settings_out_of_range_are_refused_by_name(key, value, words):
+    with pytest.raises(GeopruneError) as err:
+        MethodConfig.from_dict({key: value}, where="method.", kind="job-spec")
+    assert str(err.value).startswith(f"method.{key} = {value!r} " if words != "unknown value"
+                                     else f"method.{key}: unknown value {value!r}") and words in str(err.value)
+    with pytest.raises(GeopruneError):
+        MethodConfig(**{key: value})  # built directly: the same error, not pydantic's
+
+
+def test_the_edges_of_the_ranges_are_allowed():
+    cfg = MethodConfig(**EDGES)
+    assert cfg.to_dict() == {**MethodConfig().to_dict(), **EDGES} and cfg.beta == 1e-6
+
+
+def test_importance_names_are_the_pruning_registry():
+    """config.py names the criteria without importing torch-pruning; the two lists must agree."""
+    assert set(IMPORTANCE_NAMES) == set(IMPORTANCES)

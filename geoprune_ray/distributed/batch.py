@@ -1,9 +1,11 @@
 """Batches: several job specs run as concurrent pipelines on one Ray cluster, one combined table.
 
 A batch spec names shared ``defaults`` and a list of ``jobs``; each job is a job spec merged over
-the defaults. Locally, each pipeline is its own driver process attached to one Ray cluster (the
-embedded one the batch starts, or ``--address``), so the pipelines share the cluster's actors,
-trial slots and Ray Train workers. Each run directory is ``STORAGE/JOB_NAME``; the batch writes
+the defaults. Like a job spec it is a pydantic model (``core.config.Spec``), validated whole before
+anything starts: a bad key or value of any job is one line naming the job and the key's path.
+Locally, each pipeline is its own driver process attached to one Ray cluster (the embedded one
+the batch starts, or ``--address``), so the pipelines share the cluster's actors, trial slots and
+Ray Train workers. Each run directory is ``STORAGE/JOB_NAME``; the batch writes
 ``batch.json`` (jobs, exit codes, times), ``batch.parquet``, ``batch.md`` and ``plots/batch.png``.
 """
 
@@ -16,12 +18,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import yaml
+from pydantic import Field
 
+from ..core.config import Spec
 from ..errors import GeopruneError
 from .job import JobSpec
 from .rundir import RunDir
@@ -29,36 +32,42 @@ from .rundir import RunDir
 log = logging.getLogger("geoprune_ray")
 
 
-@dataclass(frozen=True)
-class BatchSpec:
+class _BatchFile(Spec):
+    """A batch file's shape; its jobs are merged over the defaults and validated as job specs by BatchSpec."""
+
+    KIND: ClassVar[str] = "batch-spec"
+
+    name: str = "batch"
+    defaults: Optional[dict[str, Any]] = None  # any job-spec keys
+    jobs: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class BatchSpec(Spec):
+    """A validated batch: its name and its job specs, each merged over the batch's defaults."""
+
+    KIND: ClassVar[str] = "batch-spec"
+
     name: str
     jobs: tuple[JobSpec, ...]
 
     @classmethod
     def from_dict(cls, data: Any) -> "BatchSpec":
-        if not isinstance(data, Mapping):
-            raise GeopruneError("the batch spec must be a mapping", "write name:, defaults: and jobs: (see jobs/)")
-        unknown = set(data) - {"name", "defaults", "jobs"}
-        if unknown:
-            raise GeopruneError(f"unknown batch-spec key '{sorted(unknown)[0]}'", "valid keys: name, defaults, jobs")
-        jobs = data.get("jobs")
-        if not isinstance(jobs, list) or not jobs:
+        """One error line for the whole batch; a job's is prefixed with its name ("batch job 'a': method.beta ...")."""
+        shape = _BatchFile.from_dict(data)
+        if not shape.jobs:
             raise GeopruneError("the batch spec has no jobs", "list at least one job under 'jobs:'")
-        defaults = data.get("defaults") or {}
-        if not isinstance(defaults, Mapping):
-            raise GeopruneError("batch 'defaults' must be a mapping", "write defaults: {protocol: ..., resources: ...}")
         specs = []
-        for i, job in enumerate(jobs):
-            if not isinstance(job, Mapping) or not job.get("name"):
+        for i, job in enumerate(shape.jobs):
+            if not job.get("name"):
                 raise GeopruneError(f"batch job #{i + 1} has no name", "give every job a unique 'name:'")
             try:
-                specs.append(JobSpec.from_dict(_merge(defaults, job)))
+                specs.append(JobSpec.from_dict(_merge(shape.defaults or {}, job)))
             except GeopruneError as exc:
                 raise GeopruneError(f"batch job '{job['name']}': {exc.message}", exc.hint) from None
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise GeopruneError("batch job names repeat", "give every job a unique 'name:' (it names its run folder)")
-        return cls(str(data.get("name", "batch")), tuple(specs))
+        return cls(name=shape.name, jobs=tuple(specs))
 
 
 def load_batch(path: str | Path) -> BatchSpec:
