@@ -51,6 +51,16 @@ def fashion():
     return load_dataset("fashion-mnist", "train").fit(3, None), load_dataset("fashion-mnist", "test").fit(3, None)
 
 
+def assert_refused(code: int, err: str, words) -> None:
+    """The fault corpus's rule for bad input: exit 2, one line on stderr naming the problem, no traceback."""
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("geoprune: error:"), err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One real local Ray cluster for every Ray test of the session."""

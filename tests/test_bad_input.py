@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import assert_refused
 from geoprune_ray.app.cli import main
 from geoprune_ray.core.models import build_model
 from geoprune_ray.distributed.rundir import RunDir
@@ -131,13 +132,7 @@ def test_bad_input(name, argv, content, words, files, tmp_path, capsys, ray_clus
                        .replace("'{pickle}'", str(subs["pickle"])))
     before = sorted(p.name for p in tmp_path.iterdir())
     code = main([a.format(**subs) for a in argv])
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("geoprune: error:"), err
-    assert "Traceback" not in err
-    for word in words:
-        assert word in lines[0], (word, lines[0])
+    assert_refused(code, capsys.readouterr().err, words)
     assert not out.exists()  # no partial artifact
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
