@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from .core.pruning import load_pruned, save_pruned
+from .core.pruning import honour_umask, load_pruned, save_pruned
 from .errors import GeopruneError
 
 FORMATS = ("onnx", "torchscript", "state")
@@ -66,6 +66,7 @@ def export_model(run_dir: str | Path, fmt: str, out: Optional[str | Path] = None
                     warnings.simplefilter("ignore")
                     torch.jit.save(torch.jit.trace(model, x[:1]), tmp)
                     diff = _outputs_match(reference, torch.jit.load(tmp)(x).detach())
+            honour_umask(tmp)  # mkstemp's 0600 → what open() would give
             os.replace(tmp, target)
         except BaseException:
             if os.path.exists(tmp):

@@ -84,6 +84,10 @@ def test_image_folder(tmp_path):
     assert ds.images_at(torch.tensor([0, 4])).shape == (2, 3, 16, 16)
     with pytest.raises(GeopruneError, match="no train subfolder"):
         load_dataset(f"imagefolder:{tmp_path / 'train'}", "train")
+    (tmp_path / "test").rename(tmp_path / "val")  # val/ is the evaluation split too, held to train/'s class names
+    (tmp_path / "val" / "eel").rename(tmp_path / "val" / "emu")
+    with pytest.raises(GeopruneError, match=r"val/ has classes \['emu'\] that train/ lacks and lacks \['eel'\]"):
+        load_dataset(f"imagefolder:{tmp_path}", "test")
 
 
 def test_bad_names_and_dirs():

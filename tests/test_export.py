@@ -1,6 +1,8 @@
 """`geoprune export` and `geoprune train`: exported models give the PyTorch model's outputs on real data."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -9,7 +11,9 @@ import torch
 from geoprune_ray.app.cli import main
 from geoprune_ray.core.geometry import normalize
 from geoprune_ray.core.models import build_model, load_weights
-from geoprune_ray.core.pruning import load_pruned
+from geoprune_ray.core.pruning import ModelCard, load_pruned, save_pruned
+from geoprune_ray.core.reference import write_json
+from geoprune_ray.export import export_model
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +60,24 @@ def test_train_writes_weights_a_job_can_use(tmp_path, capsys):
     model = load_weights(build_model("convnet", 10, 3, 0.25), out)  # weights_only inside
     assert sum(p.numel() for p in model.parameters()) > 0
     assert main(["train", "--model", "convnet", "--dataset", "digits", "--out", str(out)]) == 2  # exists
+
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)],
+                         ids=["umask022", "umask027"])
+def test_artifacts_honour_the_umask(umask, file_mode, dir_mode, tmp_path):
+    """Written to a temporary name (mkstemp 0600, mkdtemp 0700) and renamed, artifacts still get open()'s modes."""
+    card = ModelCard("convnet", 10, 3, 0.25, (3, 8, 8), (0.5,) * 3, (0.25,) * 3)
+    old = os.umask(umask)
+    try:
+        save_pruned(tmp_path / "model", build_model("convnet", 10, 3, 0.25), [], card)  # a run's model/
+        write_json(tmp_path / "summary.json", {"r_star": 0.5})  # the in-process summary
+        for fmt in ("onnx", "torchscript", "state"):
+            export_model(tmp_path, fmt)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")}
+    folders = ["model", "export", "export/model"]
+    files = ["model/model.pt", "model/model.json", "summary.json", "export/model.onnx", "export/onnx.check.json",
+             "export/model.torchscript.pt", "export/torchscript.check.json", "export/model/model.pt",
+             "export/model/model.json", "export/state.check.json"]
+    assert modes == {**dict.fromkeys(folders, dir_mode), **dict.fromkeys(files, file_mode)}  # and no temporary file

@@ -4,11 +4,19 @@
 bundled 8×8 digits), ``fashion-mnist`` (IDX ``.gz`` files), ``cifar10``/``cifar100`` (torchvision)
 and ``imagefolder:PATH`` (``PATH/train``, ``PATH/test`` or ``PATH/val``). Small datasets live in
 memory as one uint8 tensor; image folders are read lazily through a DataLoader.
+
+An image folder is checked when a split is loaded, which is the driver's preflight, before Ray starts:
+every image file is decoded once by the decoder the loader uses, and an unreadable one is refused
+(``GeopruneError`` naming the file: exit 2), not skipped. Skipping would train on a dataset other than
+the one on disk, and a bad file found mid-run by a Ray worker would cost the run and name no file. The
+test split's class folders must be named as the train split's: a label is its folder's position in the
+sorted names, so other names would make every label silently wrong.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,10 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import GeopruneError
+from ..errors import GeopruneError, first_line
+
+log = logging.getLogger("geoprune_ray")
 
 if TYPE_CHECKING:
     import torchvision
+    from PIL import Image
 
 # torchvision is imported where it is needed (image folders, CIFAR, downloads, resizing): it costs a process about
 # 1.3 s of CPU, which every Ray worker of a run on in-memory data of the right size would pay for nothing.
@@ -119,7 +130,7 @@ class FolderImages(_Labelled):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.folder.samples[index]
-        image = _tf().pil_to_tensor(self.folder.loader(path).convert("RGB"))
+        image = _tf().pil_to_tensor(_decode(self.folder, path))
         image = _tf().resize(image, [self.size, self.size], antialias=True)
         return _fit_channels(image[None], self.channels, self.name)[0], label
 
@@ -259,14 +270,58 @@ def _image_folder(path: Path, split: str) -> FolderImages:
                             "lay it out as PATH/train/<class>/*.png and PATH/test/<class>/*.png")
     import torchvision
 
+    root = roots[0]
     try:
-        folder = torchvision.datasets.ImageFolder(str(roots[0]))
+        if split != "train" and (path / "train").is_dir():
+            _same_classes(path, root)
+        folder = torchvision.datasets.ImageFolder(str(root))
     except (FileNotFoundError, RuntimeError) as exc:
-        raise GeopruneError(f"cannot read image folder {roots[0]}: {exc}",
+        raise GeopruneError(f"cannot read image folder {root}: {exc}",
                             "put images in one subfolder per class") from None
+    _check_images(folder, root)
     mean, std = _STATS["imagefolder"]
     return FolderImages(f"imagefolder:{path}", folder, torch.tensor(folder.targets, dtype=torch.long),
                         tuple(folder.classes), mean, std)
+
+
+# Above this many files, the up-front check says what it is doing before it does it.
+CHECK_PROGRESS_FILES = 300
+
+
+def _decode(folder: torchvision.datasets.ImageFolder, path: str) -> Image.Image:
+    """One image as an RGB PIL image: what ``FolderImages`` loads, and what the up-front check tries."""
+    return folder.loader(path).convert("RGB")
+
+
+def _check_images(folder: torchvision.datasets.ImageFolder, root: Path) -> None:
+    """Decode every image of the split once: an unreadable file stops the run here, named, before Ray starts."""
+    from PIL import UnidentifiedImageError
+
+    if len(folder.samples) > CHECK_PROGRESS_FILES:
+        log.info("checking that the %d images under %s decode", len(folder.samples), root)
+    for path, _ in folder.samples:
+        try:
+            _decode(folder, path)
+        except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, EOFError… for bad files
+            reason = "not an image format Pillow can read" if isinstance(exc, UnidentifiedImageError) \
+                else first_line(exc)
+            raise GeopruneError(f"image {path} cannot be decoded: {reason}",
+                                "delete or replace it: every image file under train/, test/ and val/ "
+                                "must be a readable image") from None
+
+
+def _same_classes(path: Path, root: Path) -> None:
+    """The evaluation split's class folders must be named as train/'s: labels are positions in the sorted names."""
+    from torchvision.datasets.folder import find_classes
+
+    train, other = set(find_classes(path / "train")[0]), set(find_classes(root)[0])
+    if train == other:
+        return
+    extra, missing = sorted(other - train), sorted(train - other)
+    parts = ([f"has classes {extra} that train/ lacks"] if extra else []) + ([f"lacks {missing}"] if missing else [])
+    raise GeopruneError(f"imagefolder {path}: {root.name}/ {' and '.join(parts)}",
+                        f"name the class folders of {root.name}/ as those of train/: a label is its folder's "
+                        "position among the sorted class names, so other names make every label wrong")
 
 
 def _fit_channels(images: Tensor, channels: int, name: str) -> Tensor:

@@ -176,6 +176,29 @@ class ModelCard:
         return build_model(self.arch, self.num_classes, self.in_channels, self.width)
 
 
+def current_umask() -> int:
+    """The process's umask: read from /proc on Linux (no change to it), else set and put back at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path, directory: bool = False) -> None:
+    """Give a ``mkstemp`` file or ``mkdtemp`` folder (0600/0700) the mode a plain ``open``/``mkdir`` would give.
+
+    Artifacts are written to a temporary name and renamed into place (atomic), but they are for others to read
+    like every other file of a run; call this before the rename.
+    """
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def save_pruned(path: str | Path, model: nn.Module, history: list, card: ModelCard,
                 extra: Optional[Mapping[str, Any]] = None) -> Path:
     """Write ``path/`` (``model.pt`` + ``model.json``) atomically: all of it or nothing."""
@@ -193,6 +216,7 @@ def save_pruned(path: str | Path, model: nn.Module, history: list, card: ModelCa
     try:
         torch.save(payload, staging / "model.pt")
         (staging / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+        honour_umask(staging, directory=True)
         if path.exists():
             shutil.rmtree(path)
         os.replace(staging, path)
