@@ -181,29 +181,49 @@ class ArmResult:
         return asdict(self)
 
 
+@dataclass
+class ArmResume:
+    """Where a fine-tune that was interrupted stands, from its checkpoint: the pruned model rebuilt from its history
+    (``pruning.replay_pruning``) with the checkpoint's weights, what was measured before fine-tuning
+    (``top1_before_finetune``, ``delta_g``) and the training state ``core.train.train`` resumes from."""
+
+    model: nn.Module
+    history: list
+    before: Mapping[str, float]
+    train_state: Mapping[str, Any]
+
+
 def finetune_arm(base: nn.Module, ratios: Mapping[str, float] | float, meter: GeometryMeter, target: PruneTarget,
                  train_set: Dataset, test_set: Dataset, cfg: TrainConfig, device: torch.device,
                  wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
-                 on_epoch: Optional[Callable[[int, dict], None]] = None, rank: int = 0, world_size: int = 1,
-                 on_pruned: Optional[Callable[[nn.Module, list], None]] = None) -> tuple[nn.Module, list, ArmResult]:
+                 on_epoch: Optional[Callable[[int, dict, dict], None]] = None, rank: int = 0, world_size: int = 1,
+                 on_pruned: Optional[Callable[[nn.Module, list, dict], None]] = None,
+                 resume: Optional[ArmResume] = None) -> tuple[nn.Module, list, ArmResult]:
     """Prune a copy of the (recalibrated) base, recalibrate, measure, fine-tune, measure again.
 
     ΔG before fine-tuning recalibrates the pruned copy's BN in place, so the fine-tune starts from sound
     statistics; ΔG after is measured on a copy, so the returned weights are the fine-tuned ones.
     ``wrap`` turns the model into what is trained (DDP on a Ray Train worker); ``on_pruned`` sees the pruned
-    model and its history before training (what a worker checkpoints each epoch)."""
-    pruned, history = prune_copy(base, ratios, target.input_shape, target.num_classes, target.importance,
-                                 target.round_to)
-    pruned.to(device)
+    model, its history and what was measured before fine-tuning, before training (what a worker checkpoints each
+    epoch). Given ``resume``, nothing is pruned or measured again: its model is fine-tuned from its epoch on, and
+    the result reports the measures it carries (taken once, before the interruption)."""
+    if resume is None:
+        pruned, history = prune_copy(base, ratios, target.input_shape, target.num_classes, target.importance,
+                                     target.round_to)
+        pruned.to(device)
+        before = {"delta_g": meter.delta(pruned)}
+        before["top1_before_finetune"] = evaluate(pruned, test_set, device)["top1"]
+    else:
+        pruned, history, before = resume.model.to(device), resume.history, dict(resume.before)
     if on_pruned is not None:
-        on_pruned(pruned, history)
-    dg_before = meter.delta(pruned)
-    before = evaluate(pruned, test_set, device)["top1"]
-    train(wrap(pruned), train_set, cfg, device, on_epoch=on_epoch, rank=rank, world_size=world_size)
+        on_pruned(pruned, history, before)
+    train(wrap(pruned), train_set, cfg, device, on_epoch=on_epoch, rank=rank, world_size=world_size,
+          resume=resume.train_state if resume is not None else None)
     after = evaluate(pruned, test_set, device)["top1"]
     dg_after = meter.delta(copy.deepcopy(pruned))
     macs, params = macs_params(pruned, target.input_shape)
-    return pruned, history, ArmResult(before, after, macs, params, dg_before, dg_after)
+    return pruned, history, ArmResult(before["top1_before_finetune"], after, macs, params, before["delta_g"],
+                                      dg_after)
 
 
 # ---------------------------------------------------------------- the summary both paths write

@@ -13,7 +13,7 @@ import ctypes
 import logging
 import math
 import time
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -162,15 +162,30 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, sched, images: Tens
     return loss.detach(), (logits.argmax(1) == labels).sum()
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s augmentation and of torch's global generator (dropout), apart from its shuffle's
+    (``seed + epoch``). Both are drawn afresh every epoch, so a run resumed at an epoch draws what an uninterrupted run
+    draws there, and its checkpoint needs no generator state."""
+    return (1 << 40) + seed * 1_000_003 + epoch
+
+
 def train(model: nn.Module, data: Dataset, cfg: TrainConfig, device: str | torch.device | None = None,
-          on_epoch: Optional[Callable[[int, dict], None]] = None, rank: int = 0, world_size: int = 1) -> list[dict]:
-    """Train ``model`` in place for ``cfg.epochs`` epochs; returns one metrics dict per epoch."""
+          on_epoch: Optional[Callable[[int, dict, dict], None]] = None, rank: int = 0, world_size: int = 1,
+          resume: Optional[Mapping[str, Any]] = None) -> list[dict]:
+    """Train ``model`` in place for ``cfg.epochs`` epochs; returns one metrics dict per epoch trained here.
+
+    ``on_epoch(epoch, metrics, state)`` is called after each epoch with what a checkpoint needs to go on from there:
+    ``state`` holds ``epoch`` (done so far), ``optimizer`` and ``scheduler`` (their state dicts, the live tensors: save
+    them before the next step). Given such a ``state`` as ``resume`` (loaded ``weights_only``), training goes on after
+    its epoch as the uninterrupted run would have: the model's weights are the caller's to load; shuffles and
+    augmentation are seeded per epoch, so there is no generator state to restore."""
     device = pick_device(device)
     _prepare_model(model, device)
-    if cfg.epochs == 0:
+    start = int(resume["epoch"]) if resume is not None else 0
+    if cfg.epochs == 0 or start >= cfg.epochs:
+        model.eval()
         return []
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # augmentation draws where the batch is
+    gen = torch.Generator(device=device)  # augmentation draws where the batch is
     per_rank = len(data) // world_size
     drop_last = per_rank >= 2 * cfg.batch_size  # avoid a tiny last batch upsetting BN
     steps = (per_rank // cfg.batch_size) if drop_last else math.ceil(per_rank / cfg.batch_size)
@@ -178,10 +193,16 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, device: str | torch
     sched = _scheduler(opt, cfg, max(1, steps * cfg.epochs))
     step_model = capture_step(model, device) if cfg.capture else model
     resident = (data.images.to(device), data.labels.to(device)) if data.in_memory else None
+    if resume is not None:  # after the scheduler, which sets the optimizer's learning rates when it is made
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
     history = []
-    for epoch in range(cfg.epochs):
+    for epoch in range(start, cfg.epochs):
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        gen.manual_seed(epoch_seed(cfg.seed, epoch))
         model.train()
-        start, seen, loss_sum, correct = time.perf_counter(), 0, torch.zeros((), device=device), torch.zeros((), device=device)
+        began, seen = time.perf_counter(), 0
+        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
         for images, labels in iterate_batches(data, cfg.batch_size, device, True, cfg.seed + epoch, rank, world_size,
                                               drop_last, resident):
             loss, hits = train_step(step_model, opt, sched, images, labels, data, cfg, gen, device)
@@ -189,12 +210,13 @@ def train(model: nn.Module, data: Dataset, cfg: TrainConfig, device: str | torch
             correct += hits
             seen += len(labels)
         metrics = {"epoch": epoch + 1, "loss": float(loss_sum) / max(seen, 1),
-                   "train_top1": 100.0 * float(correct) / max(seen, 1), "seconds": time.perf_counter() - start}
+                   "train_top1": 100.0 * float(correct) / max(seen, 1), "seconds": time.perf_counter() - began}
         history.append(metrics)
         log.info("epoch %d/%d loss %.4f train top-1 %.2f%% (%.1fs)", epoch + 1, cfg.epochs, metrics["loss"],
                  metrics["train_top1"], metrics["seconds"])
         if on_epoch is not None:
-            on_epoch(epoch + 1, metrics)
+            on_epoch(epoch + 1, metrics, {"epoch": epoch + 1, "optimizer": opt.state_dict(),
+                                          "scheduler": sched.state_dict()})
     model.eval()
     return history
 

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from ..core.pruning import ModelCard
 
 CHECKPOINT_FILE = "model.pt"
+# Where Ray Train keeps the list of a run's checkpoints (``ray.train.v2._internal.constants``), read by any launch under
+# the run's name and storage: ``ray.train.get_checkpoint`` then gives the latest (``training``: resuming).
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 # "1" in every process of a Ray without an autoscaler: the driver of an embedded Ray sets it before starting it.
 NO_AUTOSCALER_ENV = "GEOPRUNE_NO_AUTOSCALER"
 HANDOVER_POLL_S = 1.0  # how long one wait on the board lasts before the driver checks that the run still lives
@@ -67,6 +70,8 @@ def fit(card: "ModelCard | dict", state_ref: Any, data_ref: Any, cfg: TrainConfi
     """Train the model ``state_ref`` holds through Ray Train: the baseline as it is, or, given ``arm``, a pruned copy
     (pruned, measured and fine-tuned on the worker). Returns the final weights, the pruning history and the last
     metrics; with ``weights=False`` only the metrics (None, None, metrics), and this process never imports torch.
+    A launch under the ``name`` (in ``storage``) of a run that was interrupted goes on from that run's last checkpoint
+    (``training``); the metrics' ``resumed_from_epoch`` says after which epoch (0: from the start).
 
     Given ``teardowns`` (and ``progress``, whose run's board carries the weights), a baseline returns as soon as its
     worker has stored the final checkpoint and handed the weights over; Ray Train's teardown goes on in a thread,
@@ -79,6 +84,7 @@ def fit(card: "ModelCard | dict", state_ref: Any, data_ref: Any, cfg: TrainConfi
     os.environ[POLL_ENV] = _USER_POLL_S or str(poll_s if poll_s is not None else
                                                (BASELINE_POLL_S if arm is None else FINETUNE_POLL_S))
     handover = f"{name}-{uuid.uuid4().hex[:8]}" if teardowns is not None and progress and arm is None else None
+    _set_aside_unreadable(storage, name)
     trainer = _trainer({"card": card if isinstance(card, dict) else card.to_dict(), "state_ref": state_ref,
                         "data_ref": data_ref, "arm": arm, "train": cfg.to_dict(), "threads": scaling.torch_threads,
                         "progress": progress, "handover": handover}, scaling, storage, name)
@@ -100,6 +106,38 @@ def fit(card: "ModelCard | dict", state_ref: Any, data_ref: Any, cfg: TrainConfi
         return None, None, metrics
     payload = load_checkpoint(result.checkpoint)
     return payload["state_dict"], payload["history"], metrics
+
+
+def _set_aside_unreadable(storage: str, name: str) -> None:
+    """Ray Train fails every launch under a run's name and storage, for good, whose snapshot (``SNAPSHOT_FILE``) it
+    cannot restore: one cut short by a driver killed while writing it (the write is not atomic), one naming a
+    checkpoint that is gone, or one of another Ray version. Such a run is moved aside (``NAME.unreadable-TIME``, kept
+    to look at) and the launch starts afresh, rather than failing each time the run is resumed."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(storage)
+    except (ValueError, OSError):  # not a URI nor an absolute path: Ray Train says so when it starts
+        return
+    run = f"{root.rstrip('/')}/{name}"
+    try:
+        with fs.open_input_stream(f"{run}/{SNAPSHOT_FILE}") as f:
+            snapshot = json.loads(f.read())
+        if snapshot["ray_version"] != ray.__version__:
+            raise ValueError(f"written by Ray {snapshot['ray_version']}, this is Ray {ray.__version__}")
+        gone = [c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]
+                if fs.get_file_info(f"{run}/{c['checkpoint_dir_name']}").type == pafs.FileType.NotFound]
+        if gone:
+            raise ValueError(f"its checkpoint {gone[0]} is gone")
+    except FileNotFoundError:  # a new run
+        return
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        aside = f"{run}.unreadable-{time.time_ns()}"
+        log.warning("Ray Train run %s cannot be resumed (its snapshot: %s); moved to %s and started afresh", run,
+                    first_line(exc), aside)
+        fs.move(run, aside)
 
 
 def _trainer(config: dict, scaling: Scaling, storage: str, name: str) -> Any:

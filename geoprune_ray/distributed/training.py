@@ -5,11 +5,21 @@ build the model from its card and weights; a fine-tune worker prunes it with its
 runs ``core.protocol.finetune_arm`` (recalibrate, ΔG and top-1 before, fine-tune on its shard, top-1
 and ΔG after), so nothing waits on the probe actors. Every epoch is reported with a
 ``ray.train.Checkpoint`` (rank 0 writes it, uploaded in the background).
+
+A launch under the name and storage of an earlier one that was interrupted (its driver or its worker killed) goes on
+from that run's latest checkpoint, which Ray Train hands it (``ray.train.get_checkpoint``): a fine-tune rebuilds its
+pruned model from the pruning history, prunes and measures nothing again, and trains the epochs left with the
+optimizer's and scheduler's state, as the uninterrupted run would have (``core.train.train`` seeds every epoch). The
+final metrics say where it resumed (``resumed_from_epoch``, 0 for a run from the start).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -20,13 +30,15 @@ import torch
 
 from ..core.config import TrainConfig
 from ..core.geometry import GeometryMeter
-from ..core.protocol import finetune_arm
-from ..core.pruning import ModelCard
+from ..core.protocol import ArmResume, finetune_arm
+from ..core.pruning import ModelCard, replay_pruning
 from ..core.train import evaluate, keep_heap, train, warm_up
 from .probes import device_for
 from .progress import board_name, post
-from .launch import CHECKPOINT_FILE, started_key
+from .launch import CHECKPOINT_FILE, load_checkpoint, started_key
 from .scaling import ArmJob
+
+log = logging.getLogger("geoprune_ray")
 
 
 def _weights(model: torch.nn.Module, history: list) -> dict[str, Any]:
@@ -34,17 +46,49 @@ def _weights(model: torch.nn.Module, history: list) -> dict[str, Any]:
     return {"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "history": history}
 
 
-def _checkpoint(model: torch.nn.Module, history: list, final: bool) -> tuple[Any, dict]:
-    """A ``ray.train.Checkpoint`` of the weights and pruning history. Per-epoch ones upload in the background
-    (ASYNC, deleted locally once uploaded), so they never block an epoch; the last one is uploaded before
-    ``fit`` returns, since the result is read from it."""
+def _checkpoint(model: torch.nn.Module, history: list, resume: dict, final: bool) -> tuple[Any, dict]:
+    """A ``ray.train.Checkpoint`` of the weights and pruning history, and of what a worker needs to resume from it
+    (``resume``: the run's fingerprint, the epochs done and their seconds, the measures taken before fine-tuning, and
+    the optimizer's and scheduler's state, left out of the final one, which no training goes on from). Per-epoch ones
+    upload in the background (ASYNC, deleted locally once uploaded), so they never block an epoch; the last one is
+    uploaded before ``fit`` returns, since the result is read from it."""
     import ray.train
 
+    if final:
+        resume = {**resume, "optimizer": None, "scheduler": None}
     folder = tempfile.mkdtemp(prefix="geoprune-ckpt-")
-    torch.save(_weights(model, history), Path(folder) / CHECKPOINT_FILE)
+    torch.save({**_weights(model, history), "resume": resume}, Path(folder) / CHECKPOINT_FILE)
     mode = ray.train.CheckpointUploadMode.SYNC if final else ray.train.CheckpointUploadMode.ASYNC
     return ray.train.Checkpoint.from_directory(folder), {"checkpoint_upload_mode": mode,
                                                          "delete_local_checkpoint_after_upload": True}
+
+
+def fingerprint(config: dict, world: int, ratios: Any = None) -> str:
+    """What makes two launches the same run: the model, the recipe, the number of workers (their shards) and, for a
+    fine-tune, its pruning. Ray Train hands a launch the latest checkpoint stored under its name (``RunConfig(name,
+    storage_path)``), even one of a run that finished, whatever its config; a checkpoint of another fingerprint is not
+    resumed from."""
+    job: Optional[ArmJob] = config.get("arm")
+    what = {"card": config["card"], "train": config["train"], "world": world, "ratios": ratios,
+            "target": dataclasses.asdict(job.target) if job else None, "bn": job.bn_recalibration if job else None}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stored(run: str, epochs: int) -> Optional[dict]:
+    """The latest checkpoint Ray Train gives this launch (``ray.train.get_checkpoint``: a worker group restarted
+    within the run, or a new launch under the same name and storage) if it is of this run (``fingerprint``), else
+    None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    payload = load_checkpoint(checkpoint)
+    resume = payload.get("resume")
+    if not resume or resume.get("fingerprint") != run or not 0 < resume.get("epoch", 0) <= epochs:
+        log.warning("the checkpoint at %s is of another run: training from the start", checkpoint.path)
+        return None
+    return payload
 
 
 def train_worker(config: dict) -> None:
@@ -70,29 +114,52 @@ def train_worker(config: dict) -> None:
     model.to(device)
     cfg = TrainConfig.from_dict(config["train"])
     run_id, label = config.get("progress") or (None, None)
-    clock = {"started": time.time()}  # the ETA's start: a waiting fine-tune's plan arrival
-    current: dict[str, Any] = {"model": model, "history": []}  # what each epoch's checkpoint holds
+    # ``started``: a waiting fine-tune's plan arrival; ``eta``: the ETA's start, which a resumed run moves back by the
+    # seconds its checkpointed epochs took, so the pace and ETA count the epochs trained, not the time it was down
+    clock = {"started": time.time(), "eta": time.time()}
+    # what each epoch's checkpoint holds; ``resume``: see ``_checkpoint``
+    current: dict[str, Any] = {"model": model, "history": [], "resume": {"epoch": 0, "seconds": 0.0, "before": None}}
 
     def report(metrics: dict, final: bool = False) -> None:
         if rank == 0:
-            checkpoint, options = _checkpoint(current["model"], current["history"], final)
+            checkpoint, options = _checkpoint(current["model"], current["history"], current["resume"], final)
             ray.train.report({**metrics, "device": str(device), "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
                               "worker_entered": entered,
                               "worker_reported": time.time()}, checkpoint=checkpoint, **options)
         else:
             ray.train.report({**metrics, "device": str(device)})
 
-    def on_epoch(epoch: int, metrics: dict) -> None:
+    def on_epoch(epoch: int, metrics: dict, state: dict) -> None:
+        done = current["resume"]
+        current["resume"] = {**done, **state, "seconds": done["seconds"] + metrics["seconds"]}
         if rank == 0:
             post(run_id, kind="epoch", label=label, epoch=epoch, epochs=cfg.epochs, loss=metrics["loss"],
-                 started=clock["started"])
+                 started=clock["eta"])
         report({**metrics, "top1": float("nan")})
+
+    def resume_from(stored: Optional[dict], run: str) -> Optional[dict]:
+        """The training state to go on from (None: from the start); what the next checkpoints carry on."""
+        current["resume"]["fingerprint"] = run
+        if stored is None:
+            return None
+        state = stored["resume"]
+        current["resume"] = dict(state)
+        clock["eta"] = time.time() - state["seconds"]
+        if rank == 0:  # the driver's progress line: "LABEL: resuming at epoch k+1/n from its checkpoint"
+            post(run_id, kind="resume", label=label, epoch=state["epoch"], epochs=cfg.epochs)
+        return state
 
     wrap = (lambda m: ray.train.torch.prepare_model(m)) if world > 1 else (lambda m: m)
     job: Optional[ArmJob] = config.get("arm")
     if job is None:  # the baseline
-        train(wrap(model), train_set, cfg, device, on_epoch=on_epoch, rank=rank, world_size=world)
-        metrics = {"epoch": cfg.epochs, "top1": evaluate(model, test_set, device)["top1"]}
+        run = fingerprint(config, world)
+        stored = _stored(run, cfg.epochs)
+        if stored is not None:
+            model.load_state_dict(stored["state_dict"])
+        state = resume_from(stored, run)
+        train(wrap(model), train_set, cfg, device, on_epoch=on_epoch, rank=rank, world_size=world, resume=state)
+        metrics = {"epoch": cfg.epochs, "top1": evaluate(model, test_set, device)["top1"],
+                   "resumed_from_epoch": state["epoch"] if state else 0}
         report(metrics, final=True)
         if rank == 0 and config.get("handover"):
             _hand_over(run_id, config["handover"], model, current["history"], {**metrics, "device": str(device)})
@@ -104,12 +171,24 @@ def train_worker(config: dict) -> None:
         warm_up(cfg)  # the training path's one-time imports, before the plan rather than after it
         plan = ray.get(ray.get_actor(job.board).plan.remote(job.arm))
         ratios = plan["ratios"]
-    clock["started"] = time.time()
+    clock["started"] = clock["eta"] = time.time()
+    run = fingerprint(config, world, ratios)
+    stored = _stored(run, cfg.epochs)
+    state, resume = resume_from(stored, run), None
+    if stored is not None:  # the pruned model rebuilt from its history: not pruned, nor measured, again
+        pruned = replay_pruning(card.build(), stored["history"], job.target.input_shape)
+        pruned.load_state_dict(stored["state_dict"])
+        resume = ArmResume(pruned, stored["history"], state["before"], state)
+
+    def on_pruned(pruned: torch.nn.Module, history: list, before: dict) -> None:
+        current.update(model=pruned, history=history)
+        current["resume"]["before"] = before
+
     _, _, result = finetune_arm(model, ratios, meter, job.target, train_set, test_set, cfg, device, wrap=wrap,
-                                on_epoch=on_epoch, rank=rank, world_size=world,
-                                on_pruned=lambda pruned, history: current.update(model=pruned, history=history))
+                                on_epoch=on_epoch, rank=rank, world_size=world, on_pruned=on_pruned, resume=resume)
     report({"epoch": cfg.epochs, **result.to_dict(), **({"r": plan["r"]} if plan else {}),
-            "plan_received": clock["started"]}, final=True)
+            "plan_received": clock["started"], "resumed_from_epoch": resume.train_state["epoch"] if resume else 0},
+           final=True)
 
 
 def _hand_over(run_id: str, key: str, model: torch.nn.Module, history: list, metrics: dict) -> None:

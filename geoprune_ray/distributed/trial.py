@@ -122,13 +122,16 @@ def _finetune(ctx: TrialContext, started: float, arm: str, job: ArmJob, scaling:
     from .launch import fit
 
     label = f"fine-tune {arm}" + (f" step {step}" if step is not None else "")
-    name = f"finetune-{arm}" + (f"-step{step}" if step is not None else "") + f"-{os.getpid()}-{time.time_ns() % 10**6}"
+    # one name per arm (and step) in the run's storage: a trial run again after a crash finds its Ray Train run's
+    # checkpoints under it and goes on from the last one (``training``: a checkpoint of another config is not used)
+    name = f"finetune-{arm}" + (f"-step{step}" if step is not None else "")
     _, _, metrics = fit(ctx.card, ctx.state_ref, ctx.data_ref, TrainConfig.from_dict(ctx.finetune), scaling,
                         ctx.train_storage, name=name, arm=job, progress=(ctx.run_id, label), weights=False)
     tune.report({"kind": "finetune", "arm": arm, "step": step, "r": metrics.get("r", r), "macs": metrics["macs"],
                  "params": metrics["params"], "delta_g": metrics["delta_g"], "ray_train": True,
                  "top1": metrics["top1"], "top1_before_finetune": metrics["top1_before_finetune"],
                  "delta_g_after": metrics["delta_g_after"], "checkpoint_path": metrics["checkpoint_path"],
+                 "resumed_from_epoch": metrics.get("resumed_from_epoch", 0),
                  "train_device": metrics["device"], "train_gpu_ids": ",".join(metrics.get("gpu_ids") or []),
                  "pid": os.getpid(), "launched": started, "started": metrics.get("plan_received", started),
                  "finished": time.time()})
