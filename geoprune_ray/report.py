@@ -25,6 +25,13 @@ PLOTS = ("probes", "probe_accuracy", "trajectory", "groups", "accuracy_macs", "s
 ARM_COLORS = {"baseline": "tab:gray", "gc": "tab:orange", "adaptive": "tab:blue", "uniform": "tab:green"}
 
 
+def _nothing_removed(count: Optional[int]) -> str:
+    """METHOD.md §4: a probe too small to remove a channel stays in τ's sample (ΔG = 0); the report says how many."""
+    if not count:
+        return ""
+    return f", {count} of which removed no channel (ΔG = 0, kept in the sample as METHOD.md §4 rules)"
+
+
 def _fmt_rho(rho: Optional[float]) -> str:
     return "n/a" if rho is None else f"{rho:.3f}"
 
@@ -236,7 +243,8 @@ def markdown(summary: dict, trials: list[dict], groups: list[dict], plots: Seque
              "## Result", "",
              f"- r* = **{c['r_star']:.4f}** after {len(c['steps'])} controller steps ({c['stop_reason']}); "
              f"channel-weighted mean ratio {p['mean_ratio']:.4f}.",
-             f"- G_noise = {s['g_noise']:.4f}, τ = {s['tau']:.4f} (β = {s['config']['method']['beta']}).",
+             f"- G_noise = {s['g_noise']:.4f}, τ = {s['tau']:.4f} (β = {s['config']['method']['beta']}), from "
+             f"{s['config']['method']['probes']} probes{_nothing_removed(s.get('probes_removing_nothing'))}.",
              *([f"- Probes on the test split (before fine-tuning): Spearman(ΔG, top-1 drop) = "
                 f"{_fmt_rho(s['probe_accuracy']['spearman_delta_g_top1_drop'])}, against the unpruned model's "
                 f"{s['probe_accuracy']['base_top1']:.2f}%."] if s.get("probe_accuracy") else []),

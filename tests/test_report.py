@@ -102,6 +102,11 @@ def test_report_md_links_plots_that_exist(full_run):
         assert image.ndim == 3 and image.shape[0] > 200 and np.ptp(image) > 0
     assert "| Adaptive GC |" in report and f"{summary['pruned']['top1']:.2f}" in report
     assert f"{summary['tau']:.4f}" in report
+    # METHOD.md §4: the summary and the report say how many probes removed no channel (kept in τ's sample)
+    probes = pq.read_table(storage / "probes.parquet").to_pylist()
+    empty = sum(p["macs"] >= summary["baseline"]["macs"] for p in probes)
+    assert summary["probes_removing_nothing"] == empty
+    assert (f"{empty} of which removed no channel" in report) == (empty > 0)
     assert f"Spearman(ΔG, top-1 drop) = {summary['probe_accuracy']['spearman_delta_g_top1_drop']:.3f}" in report
 
 
