@@ -1,17 +1,9 @@
-"""The pipeline on a real local Ray cluster: artifacts, the controller in Tune, arms, resume."""
-
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
+"""The pipeline on a real local Ray cluster: artifacts, the controller in Tune, arms (resume: test_resilience)."""
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
-import yaml
 
 from geoprune_ray.core.pruning import load_pruned
 from geoprune_ray.distributed.job import JobSpec
@@ -72,47 +64,3 @@ def test_the_same_job_spec_is_required_to_resume(full_run, digits_weights):
     other = JobSpec.from_dict(_job(digits_weights, ["adaptive"], "another"))
     with pytest.raises(GeopruneError, match="different job spec"):
         run_job(other, str(storage))
-
-
-def _driver(job, storage, address, log):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "geoprune_ray.app.cli", "run", str(job), "--storage", str(storage),
-                             "--address", address], stdout=log, stderr=subprocess.STDOUT, env=env)
-
-
-def test_interrupted_driver_resumes_without_rerunning_steps(full_run, digits_weights, tmp_path):
-    _, uninterrupted = full_run
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(_job(digits_weights, ["adaptive"], "digits-resume")))
-    storage = tmp_path / "run"
-    address = ray.get_runtime_context().gcs_address
-    log_path = tmp_path / "first.log"
-    with open(log_path, "w") as log:
-        first = _driver(job, storage, address, log)
-        deadline = time.monotonic() + 240
-        # Interrupted in the fine-tune, after the controller has stopped (its steps take milliseconds each): a few
-        # seconds after the plans are published, the fine-tune launched beside the steps is training.
-        while time.monotonic() < deadline and "stage finetune:" not in log_path.read_text():
-            assert first.poll() is None, log_path.read_text()[-3000:]
-            time.sleep(0.2)
-        time.sleep(4)
-        interrupted_at = time.time()
-        first.send_signal(signal.SIGINT)
-        assert first.wait(timeout=120) != 0
-    assert not (storage / "summary.json").exists()
-    with open(tmp_path / "second.log", "w") as log:
-        second = _driver(job, storage, address, log)
-        assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
-    summary = json.loads((storage / "summary.json").read_text())
-    steps = pq.read_table(storage / "trials.parquet").to_pandas().query("kind == 'step'")
-    assert steps["step"].is_unique  # no controller step ran twice
-    assert (steps["started"] < interrupted_at).all()  # every step came from the first driver
-    # one experiment holds the steps and the fine-tunes: restored, it re-runs only the unfinished fine-tune
-    assert "stage controller: restoring the Tune experiment" in (tmp_path / "second.log").read_text()
-    first_log, second_log = log_path.read_text(), (tmp_path / "second.log").read_text()
-    assert "probes: 8/8 probes done" in first_log and "sensitivity (5 groups): " in first_log  # live progress
-    assert "fine-tune adaptive: epoch 2/2" in second_log and "ETA" in second_log
-    for text in (first_log, second_log):  # the run's own lines, not Tune's console box and result paths
-        assert "Configuration for experiment" not in text and "View detailed results here" not in text
-    assert summary["controller"]["r_star"] == uninterrupted["controller"]["r_star"]
-    assert summary["tau"] == pytest.approx(uninterrupted["tau"], abs=1e-9)

@@ -14,6 +14,7 @@ from geoprune_ray.core.geometry import Calibration, GeometryMeter
 from geoprune_ray.core.method import PruneTarget, measure, probe_ratios
 from geoprune_ray.core.pruning import dependency_groups
 from geoprune_ray.distributed.holder import share
+from geoprune_ray.distributed.pipeline import actor_restarts
 from geoprune_ray.distributed.probes import PoolSpec, ProbePool
 from geoprune_ray.distributed.sensitivity import run_sensitivity
 from geoprune_ray.errors import GeopruneError
@@ -133,6 +134,7 @@ def test_killing_a_probe_actor_mid_probe_keeps_the_sample(setup, digits_model):
         for r, rec in zip(ratios, records):
             assert rec["delta_g"] == pytest.approx(measure(base, meter, r, TARGET).delta_g, abs=1e-4)
         restarted = [rec for rec in records if rec["restarted"]]
+        assert actor_restarts(records) == 1  # state.json's count: one restart, however many probes it answered
         assert restarted and all(rec["pid"] != old_pid for rec in restarted)
 
 

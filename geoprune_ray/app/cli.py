@@ -6,11 +6,13 @@ import argparse
 import errno
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..errors import GeopruneError, Interrupted
+from .guard import EXIT_INTERRUPTED, SIGNALS
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -94,6 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.job)
     storage = args.storage or f"runs/{spec.name}"
+    _resume_with(f"geoprune resume {storage}")
     summary = run_job(spec, storage, address=args.address)
     print(arms_table(summary["arms"]))
     print(f"wrote {storage} (report: {storage.rstrip('/')}/report.md)")
@@ -115,9 +118,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
         render_report(run)
         print(f"{args.run_dir} already finished; report re-rendered")
     else:
+        _resume_with(f"geoprune resume {args.run_dir}")
         summary = run_job(JobSpec.from_dict(run.read_json(STATE)["spec"]), args.run_dir, address=args.address)
     print(arms_table(summary["arms"]))
     return 0
+
+
+def _resume_with(command: str) -> None:
+    SIGNALS.resume_hint = f"; resume with: {command}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -185,6 +193,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     batch = load_batch(args.batch)
     storage = args.storage or f"runs/{batch.name}"
+    _resume_with(f"geoprune batch {args.batch} --storage {storage}")
     if args.address and args.address.startswith(("http://", "https://")):
         from .submit import submit_batch
 
@@ -370,43 +379,70 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Progress goes to stdout (the log); stderr holds only the final line of a failure or an interruption."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    # Every command connects to Ray explicitly (``pipeline.connect``): a call made after the shutdown (a thread still
+    # ending) must fail, not start a second Ray of its own.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+    SIGNALS.install()
+    SIGNALS.resume_hint = ""
     try:
         args = build_parser().parse_args(argv)
-        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+        logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stdout,
                             format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+        logging.captureWarnings(True)  # library warnings are progress too: in the log, not on stderr
         return args.func(args)
     except Interrupted as exc:
-        print(f"geoprune: interrupted: {exc}", file=sys.stderr)
-        return 130
+        _stderr(f"geoprune: interrupted: {exc.message}{SIGNALS.resume_hint or f' ({exc.hint})'}")
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        why = f" ({exc.args[0]})" if exc.args else ""
+        _stderr(f"geoprune: interrupted{why}{SIGNALS.resume_hint}")
+        return EXIT_INTERRUPTED
     except GeopruneError as exc:
         if debug:
             raise
-        print(f"geoprune: error: {exc}", file=sys.stderr)
+        _stderr(f"geoprune: error: {exc}")
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("geoprune: interrupted", file=sys.stderr)
-        return 130
     except OSError as exc:
         if debug:
             raise
         if exc.errno in _DISK_ERRORS or "No space left on device" in str(exc):
             where = f" writing {exc.filename}" if exc.filename else ""
-            print(f"geoprune: error: {exc.strerror or exc}{where} (free space or pick another --storage/--out; "
-                  f"nothing half-written was left)", file=sys.stderr)
+            _stderr(f"geoprune: error: {exc.strerror or exc}{where} (free space or pick another --storage/--out; "
+                    f"nothing half-written was left)")
             return EXIT_USAGE
         return _internal(exc)
     except Exception as exc:  # an internal fault: say so, and where the traceback is
         if debug:
             raise
         return _internal(exc)
+    finally:
+        _shutdown_embedded_ray()
+
+
+def _stderr(line: str) -> None:
+    sys.stdout.flush()  # the progress above it first
+    print(line, file=sys.stderr, flush=True)
+
+
+def _shutdown_embedded_ray() -> None:
+    """Stop the Ray this command embedded (its processes with it), now rather than in an exit hook. A signal during
+    the shutdown exits at once (``guard``); the watchdog then ends what is left."""
+    if "ray" not in sys.modules:
+        return
+    from ..distributed.pipeline import disconnect
+
+    try:
+        disconnect()
+    except KeyboardInterrupt:
+        pass
 
 
 def _internal(exc: BaseException) -> int:
     first = (str(exc).strip().splitlines() or [""])[0]
-    print(f"geoprune: internal error: {type(exc).__name__}: {first} (run again with --debug for the traceback)",
-          file=sys.stderr)
+    _stderr(f"geoprune: internal error: {type(exc).__name__}: {first} (run again with --debug for the traceback)")
     return EXIT_INTERNAL
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -93,11 +94,13 @@ def run_batch(batch: BatchSpec, storage: str, address: Optional[str] = None) -> 
     """Run every job of ``batch`` concurrently on one cluster; returns batch.json's record."""
     import ray
 
-    from .pipeline import Pipeline, connect
+    from .pipeline import Pipeline, connect, embedded_size
 
     out = RunDir(storage)
     for spec in batch.jobs:  # a folder holding another job's run fails now, not after minutes
         Pipeline(spec, out.uri(spec.name))
+        if not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized():
+            spec.check_placeable(*embedded_size())
     connect(address)
     gcs = ray.get_runtime_context().gcs_address
     record: dict[str, Any] = {"name": batch.name, "started": time.time(), "jobs": {}}

@@ -43,12 +43,13 @@ from ..core.protocol import SCHEMA_VERSION
 from ..core.pruning import dependency_groups, macs_params, replay_pruning, save_pruned
 from ..core.reference import provenance, resolve
 from ..core.train import evaluate
+from ..app.guard import SIGNALS, failpoint, mark_embedded_cluster
 from ..errors import GeopruneError, Interrupted, first_line
 from .job import JobSpec
 from .probes import START_TIMEOUT_S, PoolSpec, PoolStarter, ProbePool
 from .progress import Progress
 from .rundir import RunDir
-from .searcher import RatioSearcher, on_converged, provide
+from .searcher import SEARCHED, RatioSearcher, on_converged, provide
 from .sensitivity import by_group, submit_sensitivity
 from .launch import NO_AUTOSCALER_ENV, fit, join_teardowns, load_checkpoint
 from .scaling import Scaling
@@ -59,10 +60,11 @@ STATE = "state.json"
 EXPERIMENT = "controller"
 TRIAL_COLUMNS = ["trial_id", "kind", "arm", "step", "r", "delta_g", "accepted", "macs", "params", "ray_train",
                  "top1", "top1_before_finetune", "delta_g_after", "pid", "actor", "threads", "train_device",
-                 "train_gpu_ids", "launched", "started", "finished"]
+                 "train_gpu_ids", "resumed_from_epoch", "launched", "started", "finished"]
 
 
 _SOLE_DRIVER = [False]  # this driver runs on a Ray of its own (no address): no other run competes for its CPUs
+_EMBEDDED = [False]  # this process started the Ray it uses (``connect``): ``disconnect`` stops it
 
 
 def connect(address: Optional[str] = None) -> None:
@@ -85,10 +87,30 @@ def connect(address: Optional[str] = None) -> None:
             for name in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED"):
                 os.environ.setdefault(name, "0")
             os.environ[NO_AUTOSCALER_ENV] = "1"
+            mark_embedded_cluster()  # its processes carry this driver's token: none outlives it (``app.guard``)
             ray.init(address="local", include_dashboard=False, **quiet)
+            _EMBEDDED[0] = True
+        SIGNALS.reassert()  # ray.init sets a SIGTERM handler of its own
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise GeopruneError(f"cannot connect to the Ray cluster at {address or 'local'}: {str(exc).splitlines()[0]}",
                             "check the GCS address (host:6379) and that the cluster is up") from None
+
+
+def embedded_size() -> tuple[float, float]:
+    """The CPUs and GPUs an embedded local Ray gets on this machine (Ray's own count, cgroup limits included)."""
+    try:
+        from ray._private.utils import get_num_cpus  # Ray is pinned; a move of this helper falls back below
+        cpus = float(get_num_cpus())
+    except (ImportError, AttributeError):
+        cpus = float(os.cpu_count() or 1)
+    return cpus, float(torch.cuda.device_count())
+
+
+def disconnect() -> None:
+    """Shut down the Ray that ``connect`` embedded (nothing for a joined cluster, which outlives this driver)."""
+    if _EMBEDDED[0] and ray.is_initialized():
+        _EMBEDDED[0] = False
+        ray.shutdown()
 
 
 def check_gcs_address(address: str, timeout: float = 5.0) -> None:
@@ -126,6 +148,7 @@ class Pipeline:
         self.state.setdefault("created", time.time())  # the time line's zero (this driver's, for older runs)
         self.timings: dict[str, float] = dict(self.state.get("timings", {}))
         self._resolved = None
+        self._searching: Optional[threading.Thread] = None
 
     # -- bookkeeping
     def _done(self, stage: str, started: float, finished: Optional[float] = None, **outputs: Any) -> None:
@@ -179,6 +202,8 @@ class Pipeline:
 
     def _run(self, res: "Resources", model, train_set, test_set, card, progress: Progress) -> dict[str, Any]:
         spec, cfg = self.spec, self.cfg
+        if not self.run.exists(STATE):  # every check passed: from here on 'geoprune resume' finds the run
+            self.run.write_json(STATE, self.state)
         run_id = self.state["run_id"]
         target = PruneTarget(card.input_shape, card.num_classes, cfg.importance, cfg.round_to)
         data_ref = ray.put((train_set, test_set))
@@ -198,6 +223,8 @@ class Pipeline:
             join_teardowns(teardowns)
             if starter is not None:
                 starter.shutdown()
+            if self._searching is not None:  # interrupted mid-search: the actors' shutdown ends it; let it end
+                self._searching.join(timeout=15)
 
     def _stages(self, res, starter: Optional[PoolStarter], base_scaling, model, train_set, test_set, card, target,
                 data_ref, calibration, progress, teardowns: list) -> dict[str, Any]:
@@ -211,6 +238,7 @@ class Pipeline:
         elif spec.model.weights is None and spec.protocol.baseline_epochs > 0:
             log.info("stage baseline: training %s for %d epochs through Ray Train", card.arch,
                      spec.protocol.baseline_epochs)
+            failpoint("baseline:start")
             def worker_started(at: float) -> None:  # the launch's start-up is paid: now the actors start
                 self._span("baseline_launch", started, at)
                 if starter is not None:
@@ -226,6 +254,8 @@ class Pipeline:
             torch.save(state, buffer)
             self.run.write_bytes("baseline.pt", buffer.getvalue())
             self._done("baseline", started, top1=metrics["top1"])
+            SIGNALS.reassert()
+            failpoint("baseline:end")
         pool = starter.start() if starter is not None else None
         base_macs, base_params = macs_params(model, card.input_shape)
         groups = dependency_groups(model, card.input_shape, card.num_classes)
@@ -292,6 +322,11 @@ class Pipeline:
                 # (``trial.step_threads``): never with ``finetune_all``, whose steps fine-tune beside the next ones.
                 alone = pool is not None and not spec.protocol.finetune_all
                 provide(run_id, controller, budgets, channels, pool_threads=pool.step_threads() if alone else ())
+                board.deliver.remote(SEARCHED, True)  # fine-tunes held until the search's end go on
+                if self.stage("controller"):
+                    # A resumed run whose controller had stopped: its restored searcher may have handed out every trial
+                    # already, and Tune then never asks it again, so the hook would never run; it runs from here (once).
+                    hook(controller)
             except BaseException as exc:  # noqa: BLE001 - raised by the driver once Tune has stopped
                 found["error"] = exc
                 first = first_line(exc)
@@ -299,7 +334,7 @@ class Pipeline:
                 board.publish.remote({}, f"the search stage failed: {first}")
 
         on_converged(run_id, hook)
-        searching = threading.Thread(target=search, name="geoprune-search", daemon=True)
+        searching = self._searching = threading.Thread(target=search, name="geoprune-search", daemon=True)
         try:
             # On CPUs the early fine-tune launches once the steps start, not beside the search: its start-up shares the
             # same cores either way, and beside the search's three busy processes it cost the search more than it
@@ -358,7 +393,15 @@ class Pipeline:
         raised once the experiment has ended."""
         cfg = self.cfg
 
+        once = threading.Lock()
+
         def hook(ctl: Controller) -> None:
+            with once:
+                if "ran" not in settled:
+                    settled["ran"] = True
+                    settle(ctl)
+
+        def settle(ctl: Controller) -> None:
             try:
                 budget, budgets = found["budget"], found["budgets"]
                 if not self.stage("controller"):
@@ -366,6 +409,7 @@ class Pipeline:
                         {"trial_id": s.get("trial_id"), "kind": "step", "arm": "step", "step": s["step"], "r": s["r"],
                          "delta_g": s["delta_g"], "accepted": s["accepted"], "macs": s.get("macs"),
                          "params": s.get("params"), "pid": s.get("pid")} for s in ctl.steps if s.get("measured")])
+                    failpoint("controller:end")
                 if not self.stage("arms"):
                     r_star = protocol.r_star_of(ctl)
                     final_ratios = protocol.final_ratios(r_star, budgets, channels, cfg)
@@ -381,6 +425,7 @@ class Pipeline:
                     speed = ray.get(pool.actors[0].speed.remote(final_ratios or 0.0))
                     self._done("arms", arms_started, plans={arm: plan.to_dict() for arm, plan in plans.items()},
                                speed=speed)
+                    failpoint("arms:end")
                 ray.get(board.publish.remote(self.stage("arms")["plans"]))
                 settled["published"] = time.time()
                 log.info("stage finetune: %d fine-tune(s) side by side: %s", len(arms_wanted), ", ".join(arms_wanted))
@@ -413,8 +458,10 @@ class Pipeline:
         probe_refs = pool.submit("measure", args)
         sens_refs = submit_sensitivity(pool.shared, target, cfg.bn_recalibration, list(channels),
                                        cfg.sensitivity_ratio, chunks, gpus=task_gpus)
+        failpoint("search:start")
         records = progress.gather(probe_refs, "probes", "probes")
         probes_done = time.time()
+        failpoint("probes:end")  # the sensitivity tasks may still run
         sens = by_group(progress.gather(sens_refs, f"sensitivity ({len(channels)} groups)", "tasks"))
         sens_done = time.time()
         noise = ray.get(noise_ref)
@@ -427,12 +474,14 @@ class Pipeline:
         self.run.write_table("probes.parquet", rows)
         budget = protocol.budget_from_probes(noise, rows, cfg, base_macs)
         self._done("probes", started, probes_done, g_noise=noise, tau=budget,
-                   restarts=sum(bool(row["restarted"]) for row in rows), **accuracy)
+                   restarts=actor_restarts(rows), probes_after_restart=sum(bool(row["restarted"]) for row in rows), **accuracy)
         self._done("sensitivity", started, sens_done, delta_g={n: sens[n]["delta_g"] for n in channels})
+        failpoint("search:end")
 
     def _artifacts(self, res, model, train_set, test_set, card, calibration, probes, groups, channels, sens, budgets,
                    noise, budget, ctl, plans, arms, trials, base_macs, base_params) -> dict[str, Any]:
         spec, cfg = self.spec, self.cfg
+        failpoint("artifacts:start")
         started = time.time()
         self.run.write_table("trials.parquet", [{col: t.get(col) for col in TRIAL_COLUMNS + ["error", "checkpoint_path"]}
                                                 for t in trials])
@@ -499,17 +548,30 @@ class Pipeline:
               param_space: Optional[dict] = None) -> list[dict[str, Any]]:
         trainable = tune.with_resources(trainable, {"cpu": 0.01})
         path = self.run.uri(f"tune/{name}")
+        tuner = None
         if tune.Tuner.can_restore(path):
-            log.info("stage %s: restoring the Tune experiment at %s", name, path)
-            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-        else:
+            # A driver killed while Tune set the experiment up leaves tuner.pkl without the experiment's state: such a
+            # folder can never be restored, and retrying it would fail every resume the same way. It is started again
+            # instead, from the run's recorded stages (the searcher's state is rebuilt from them: ``replay_controller``).
+            saved = [n for n in self.run.list(f"tune/{name}") if n.startswith("experiment_state")]
+            try:
+                if not saved:
+                    raise ValueError("the driver stopped before Tune saved the experiment's state")
+                log.info("stage %s: restoring the Tune experiment at %s", name, path)
+                tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+            except Exception as exc:  # noqa: BLE001 - any failure to restore: start the experiment again
+                log.warning("stage %s: the Tune experiment at %s cannot be restored (%s); starting it again from the "
+                            "run's recorded stages", name, path, first_line(exc))
+                self.run.delete(f"tune/{name}")
+        if tuner is None:
             log.info("stage %s: %s", name, what)
             tuner = tune.Tuner(
                 trainable, param_space=param_space, tune_config=tune_config,
                 run_config=tune.RunConfig(name=name, storage_path=self.run.uri("tune"), verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=2)),
             )
-        with _tune_console_quiet():
+        failpoint("tune:start")
+        with _tune_console_quiet(), SIGNALS.tune_running():
             results = tuner.fit()
         rows = []
         for result in results:
@@ -711,6 +773,11 @@ def replay_controller(ctl: Controller, steps: list[dict[str, Any]], complete: bo
     return ctl
 
 
+def actor_restarts(rows: list[dict[str, Any]]) -> int:
+    """How many times a probe actor restarted: the restarted processes (actor, pid) that answered, not their rows."""
+    return len({(row["actor"], row["pid"]) for row in rows if row["restarted"]})
+
+
 def arm_row(name: str, trial: dict[str, Any], budget: float) -> dict[str, Any]:
     label = {"baseline": "Baseline", "gc": "GC (τ = 0.07)", "adaptive": "Adaptive GC", "uniform": "Uniform L2"}[name]
     return {"method": label, "arm": name, "r": trial["r"], "top1": trial["top1"],
@@ -736,10 +803,19 @@ def _jsonable(data: Any) -> Any:
 
 
 def run_job(spec: JobSpec, storage: str, address: Optional[str] = None) -> dict[str, Any]:
-    """Run (or resume) ``spec`` with every artifact under ``storage``; returns the summary."""
+    """Run (or resume) ``spec`` with every artifact under ``storage``; returns the summary. One driver at a time
+    holds a run directory (``RunDir.lock``)."""
     pipeline = Pipeline(spec, storage)  # checks the run directory before a cluster is started
     pipeline.preflight()  # and the model, weights and data
-    started = time.time()
-    connect(address)
-    pipeline._span("ray_startup", started)  # one-time: about 0 when joining a running cluster
-    return pipeline.run_all()
+    if address or os.environ.get("RAY_ADDRESS"):
+        check_gcs_address(address or os.environ["RAY_ADDRESS"])
+    elif not ray.is_initialized():
+        spec.check_placeable(*embedded_size())  # what an embedded Ray could never place: refused before it starts
+    lock = pipeline.run.lock()
+    try:
+        started = time.time()
+        connect(address)
+        pipeline._span("ray_startup", started)  # one-time: about 0 when joining a running cluster
+        return pipeline.run_all()
+    finally:
+        lock.release()

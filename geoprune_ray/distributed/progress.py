@@ -20,6 +20,8 @@ from typing import Any, Optional, Sequence
 
 import ray
 
+from ..app.guard import failpoint
+
 log = logging.getLogger("geoprune_ray")
 
 
@@ -154,6 +156,11 @@ class Progress:
                 loss = f", loss {e['loss']:.4f}" if isinstance(e.get("loss"), float) else ""
                 log.info("%s: epoch %d/%d%s, %.1f s/epoch, ETA %s [elapsed %s]", label, epoch, epochs, loss,
                          per_epoch, fmt_duration(per_epoch * (epochs - epoch)), self.elapsed())
+                if label.startswith("fine-tune") and epoch < epochs:
+                    failpoint("finetune:epoch")
+            elif e.get("kind") == "resume":  # a Ray Train run launched again goes on from its last checkpoint
+                log.info("%s: resuming at epoch %d/%d from its checkpoint [elapsed %s]", e["label"],
+                         min(e["epoch"] + 1, e["epochs"]), e["epochs"], self.elapsed())
 
     def gather(self, refs: Sequence[ray.ObjectRef], label: str, unit: str) -> list[Any]:
         """``ray.get(refs)`` in order, logging 'label k/n unit done' as each finishes, with an ETA."""

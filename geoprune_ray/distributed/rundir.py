@@ -10,13 +10,16 @@ import io
 import json
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from ..errors import GeopruneError
+
+if TYPE_CHECKING:
+    from ..app.guard import RunLock
 
 
 class RunDir:
@@ -85,6 +88,22 @@ class RunDir:
 
     def read_table(self, name: str) -> list[dict[str, Any]]:
         return pq.read_table(io.BytesIO(self.read_bytes(name))).to_pylist()
+
+    def list(self, name: str) -> list[str]:
+        """The names directly inside the folder ``name`` (none if it does not exist)."""
+        selector = pafs.FileSelector(self.path(name), allow_not_found=True)
+        return [info.base_name for info in self.fs.get_file_info(selector)]
+
+    def delete(self, name: str) -> None:
+        """Remove the folder ``name`` and what it holds (nothing if it does not exist)."""
+        if self.exists(name):
+            self.fs.delete_dir(self.path(name))
+
+    def lock(self) -> "RunLock":
+        """This driver's exclusive hold on the run directory (``app.guard.RunLock``), until ``release``."""
+        from ..app.guard import RunLock
+
+        return RunLock(self.location, None if self.remote else self.root).acquire()
 
     def put_folder(self, local: Path, name: str) -> None:
         """Copy a local folder in as ``name``, replacing what was there, in one final move."""
