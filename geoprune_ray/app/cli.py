@@ -430,12 +430,11 @@ def _stderr(line: str) -> None:
 def _shutdown_embedded_ray() -> None:
     """Stop the Ray this command embedded (its processes with it), now rather than in an exit hook. A signal during
     the shutdown exits at once (``guard``); the watchdog then ends what is left."""
-    if "ray" not in sys.modules:
+    pipeline = sys.modules.get("geoprune_ray.distributed.pipeline")  # only a command that imported it embeds a Ray
+    if pipeline is None:
         return
-    from ..distributed.pipeline import disconnect
-
     try:
-        disconnect()
+        pipeline.disconnect()
     except KeyboardInterrupt:
         pass
 

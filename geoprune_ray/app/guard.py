@@ -26,7 +26,6 @@ behind, and named fault points for the tests.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -120,6 +119,7 @@ class RunLock:
         self._created: list[Path] = []
 
     def acquire(self) -> "RunLock":
+        import fcntl  # POSIX only: imported here, so the fault points (imported by every Ray process) import anywhere
         self._created = [p for p in [self.path.parent, *self.path.parent.parents] if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
