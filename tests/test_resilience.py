@@ -7,8 +7,8 @@
   what the driver's Ray left;
 - one driver per run directory.
 
-The drivers stop at exact points through ``GEOPRUNE_FAILPOINT`` (``app.guard.failpoint``): SIGKILL, or the signal a
-user would send, sent by the driver to itself at that point.
+The drivers stop at exact points through ``GEOPRUNE_FAILPOINT`` (``distributed.guard.failpoint``): SIGKILL, or the
+signal a user would send, sent by the driver to itself at that point.
 """
 
 import json
@@ -25,7 +25,7 @@ import yaml
 
 from conftest import pipeline_job
 from geoprune_ray.app.cli import main
-from geoprune_ray.app.guard import RunLock, descendants
+from geoprune_ray.distributed.guard import RunLock, descendants
 
 RESUME_POINTS = ["tune:start", "search:start", "search:end", "controller:end", "arms:end", "finetune:epoch",
                  "artifacts:start"]
@@ -156,7 +156,8 @@ def test_kill_9_leaves_no_ray_process_and_a_second_ctrl_c_exits_at_once(tmp_path
     assert not _gone_within(seen, 60)  # …and is gone
     assert (storage / "baseline.pt").exists()
     # Ctrl-C twice in the resumed run: the first asks Tune to stop gracefully, the second exits there and then
-    proc = _driver(["resume", str(storage)], tmp_path / "out2.log", "search:start:sigint2", err_path=tmp_path / "err.log")
+    proc = _driver(["resume", str(storage)], tmp_path / "out2.log", "search:start:sigint2",
+                   err_path=tmp_path / "err.log")
     code, seen = _wait_noting_descendants(proc, 240)
     err = (tmp_path / "err.log").read_text()
     assert code == 130 and err.strip().splitlines() == [
@@ -187,7 +188,7 @@ def test_one_driver_per_run_directory(ray_cluster, digits_weights, tmp_path, cap
     assert f"pid {os.getpid()}" in err
     assert sorted(p.name for p in storage.iterdir()) == [".geoprune.lock"]  # nothing else was written
     # a lock left by a driver that died is taken over, saying so
-    dead = subprocess.run([sys.executable, "-c", "import os; from geoprune_ray.app.guard import RunLock; "
+    dead = subprocess.run([sys.executable, "-c", "import os; from geoprune_ray.distributed.guard import RunLock; "
                            f"RunLock({str(storage)!r}, {str(storage)!r}).acquire(); os.kill(os.getpid(), 9)"])
     assert dead.returncode == -9
     with caplog.at_level("INFO", logger="geoprune_ray"):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..errors import GeopruneError, Interrupted
-from .guard import EXIT_INTERRUPTED, SIGNALS
+from ..distributed.guard import EXIT_INTERRUPTED, SIGNALS
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1

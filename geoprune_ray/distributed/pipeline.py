@@ -43,7 +43,7 @@ from ..core.protocol import SCHEMA_VERSION
 from ..core.pruning import dependency_groups, macs_params, replay_pruning, save_pruned
 from ..core.reference import provenance, resolve
 from ..core.train import evaluate
-from ..app.guard import SIGNALS, failpoint, mark_embedded_cluster
+from .guard import SIGNALS, failpoint, mark_embedded_cluster
 from ..errors import GeopruneError, Interrupted, first_line
 from .job import JobSpec
 from .probes import START_TIMEOUT_S, PoolSpec, PoolStarter, ProbePool
@@ -87,7 +87,7 @@ def connect(address: Optional[str] = None) -> None:
             for name in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED"):
                 os.environ.setdefault(name, "0")
             os.environ[NO_AUTOSCALER_ENV] = "1"
-            mark_embedded_cluster()  # its processes carry this driver's token: none outlives it (``app.guard``)
+            mark_embedded_cluster()  # its processes carry this driver's token: none outlives it (``guard``)
             ray.init(address="local", include_dashboard=False, **quiet)
             _EMBEDDED[0] = True
         SIGNALS.reassert()  # ray.init sets a SIGTERM handler of its own

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import ray
 
-from ..app.guard import failpoint
+from .guard import failpoint
 
 log = logging.getLogger("geoprune_ray")
 

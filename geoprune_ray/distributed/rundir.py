@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from ..errors import GeopruneError
 
 if TYPE_CHECKING:
-    from ..app.guard import RunLock
+    from .guard import RunLock
 
 
 class RunDir:
@@ -100,8 +100,8 @@ class RunDir:
             self.fs.delete_dir(self.path(name))
 
     def lock(self) -> "RunLock":
-        """This driver's exclusive hold on the run directory (``app.guard.RunLock``), until ``release``."""
-        from ..app.guard import RunLock
+        """This driver's exclusive hold on the run directory (``guard.RunLock``), until ``release``."""
+        from .guard import RunLock
 
         return RunLock(self.location, None if self.remote else self.root).acquire()
 

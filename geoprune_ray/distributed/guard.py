@@ -174,7 +174,7 @@ def mark_embedded_cluster() -> str:
     os.environ[TOKEN_ENV] = token
     if sys.platform.startswith("linux"):
         env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
-        subprocess.Popen([sys.executable, "-m", "geoprune_ray.app.guard", str(os.getpid()), token],
+        subprocess.Popen([sys.executable, "-m", "geoprune_ray.distributed.guard", str(os.getpid()), token],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True, env=env, close_fds=True)
     return token
@@ -278,6 +278,6 @@ def failpoint(name: str) -> None:
     for sig in sigs:
         os.kill(os.getpid(), sig)
         time.sleep(0.5)  # the handler runs in the main thread (here, if this is it) before the next signal
-if __name__ == "__main__":  # the watchdog: python -m geoprune_ray.app.guard DRIVER_PID TOKEN
+if __name__ == "__main__":  # the watchdog: python -m geoprune_ray.distributed.guard DRIVER_PID TOKEN
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(0 if watch(int(sys.argv[1]), sys.argv[2]) >= 0 else 1)
