@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import ray
 
-from geoprune_ray.distributed.job import JobSpec
+from geoprune_ray.core.spec import JobSpec
 from geoprune_ray.distributed.pipeline import run_job
 
 JOB = {

@@ -94,7 +94,7 @@ def pipeline_job(weights, arms, name):
 @pytest.fixture(scope="session")
 def full_run(ray_cluster, digits_weights, tmp_path_factory):
     """One finished pipeline run on digits with all four arms: (run directory, summary)."""
-    from geoprune_ray.distributed.job import JobSpec
+    from geoprune_ray.core.spec import JobSpec
     from geoprune_ray.distributed.pipeline import run_job
 
     storage = tmp_path_factory.mktemp("run") / "digits"

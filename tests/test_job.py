@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from geoprune_ray.app.spec import load_spec
+from geoprune_ray.core.spec import load_spec
 from geoprune_ray.core.config import MethodConfig, TrainConfig
-from geoprune_ray.distributed.job import JobSpec
+from geoprune_ray.core.spec import JobSpec
 from geoprune_ray.errors import GeopruneError
 
 
@@ -178,7 +178,7 @@ def test_yaml_errors(tmp_path):
 def test_every_shipped_job_file_loads():
     from pathlib import Path
 
-    from geoprune_ray.distributed.batch import load_batch
+    from geoprune_ray.core.spec import load_batch
 
     files = sorted(Path("jobs").glob("*.yaml"))
     assert {f.name for f in files} >= {"quickstart.yaml", "fashion_resnet18.yaml", "paper_cifar100.yaml",

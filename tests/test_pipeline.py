@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from geoprune_ray.core.pruning import load_pruned
-from geoprune_ray.distributed.job import JobSpec
+from geoprune_ray.core.spec import JobSpec
 from geoprune_ray.distributed.pipeline import run_job
 
 from conftest import PIPELINE_METHOD as METHOD, pipeline_job as _job

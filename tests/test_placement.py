@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the fake GPUs
 def _run_with_gpus(job: dict, storage, gpus: int) -> dict:
     script = textwrap.dedent(f"""
         import json, ray
-        from geoprune_ray.distributed.job import JobSpec
+        from geoprune_ray.core.spec import JobSpec
         from geoprune_ray.distributed.pipeline import run_job
         ray.init(address="local", num_cpus=2, num_gpus={gpus}, include_dashboard=False, log_to_driver=False)
         run_job(JobSpec.from_dict(json.loads({json.dumps(json.dumps(job))})), {str(storage)!r})

@@ -8,7 +8,7 @@ from geoprune_ray.core.method import match_macs
 from geoprune_ray.core.models import build_model
 from geoprune_ray.core.pruning import dependency_groups, kept_channels, macs_params, prune_copy
 from geoprune_ray.core.reference import adaptive_prune
-from geoprune_ray.distributed.job import JobSpec
+from geoprune_ray.core.spec import JobSpec
 from geoprune_ray.distributed.pipeline import run_job
 
 from conftest import pipeline_job

@@ -2,7 +2,7 @@
 
 import pytest
 
-from geoprune_ray.distributed.job import ResourceSpec
+from geoprune_ray.core.spec import ResourceSpec
 from geoprune_ray.distributed.pipeline import baseline_scaling, gpu_shares, sensitivity_tasks
 from geoprune_ray.distributed.scaling import Scaling
 from geoprune_ray.errors import GeopruneError

@@ -92,7 +92,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from ..distributed.pipeline import run_job
     from ..report import arms_table
-    from .spec import load_spec
+    from ..core.spec import load_spec
 
     spec = load_spec(args.job)
     storage = args.storage or f"runs/{spec.name}"
@@ -104,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from ..distributed.job import JobSpec
+    from ..core.spec import JobSpec
     from ..distributed.pipeline import STATE, run_job
     from ..distributed.rundir import RunDir
     from ..report import arms_table, render_report
@@ -189,7 +189,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from ..distributed.batch import load_batch, run_batch
+    from ..core.spec import load_batch
+    from ..distributed.batch import run_batch
 
     batch = load_batch(args.batch)
     storage = args.storage or f"runs/{batch.name}"

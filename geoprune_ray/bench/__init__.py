@@ -24,7 +24,7 @@ def run_bench(output: str, quick: bool, device: Optional[str] = None, job: Optio
     from ..distributed.pipeline import connect
 
     if job is not None:
-        from ..app.spec import load_spec
+        from ..core.spec import load_spec
         from .pipeline import job_bench
 
         spec = load_spec(job).to_dict()

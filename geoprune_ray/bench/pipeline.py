@@ -19,7 +19,7 @@ import torch
 from ..core.config import TrainConfig
 from ..core.models import build_model
 from ..core.pruning import ModelCard
-from ..distributed.job import JobSpec
+from ..core.spec import JobSpec
 from ..distributed.pipeline import run_job
 from ..distributed.launch import FINETUNE_POLL_S, fit
 from ..distributed.scaling import Scaling

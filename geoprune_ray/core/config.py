@@ -1,6 +1,6 @@
 """Every default of METHOD.md in one place, as typed, validated settings recorded with each result.
 
-``MethodConfig`` and ``TrainConfig``, and the job and batch specs (``distributed/job.py``, ``distributed/batch.py``),
+``MethodConfig`` and ``TrainConfig``, and the job and batch specs (``core/spec.py``),
 are pydantic models built on ``Spec``: frozen, strict types (an int is accepted for a float, nothing else is
 converted: ``"big"`` for an int or ``true`` for a float is refused), NaN and ±inf refused, unknown keys refused, each
 field's range beside it. A pydantic ``ValidationError`` never reaches the user: ``spec_error`` turns its first error

@@ -1,8 +1,8 @@
 """Batches: several job specs run as concurrent pipelines on one Ray cluster, one combined table.
 
 A batch spec names shared ``defaults`` and a list of ``jobs``; each job is a job spec merged over
-the defaults. Like a job spec it is a pydantic model (``core.config.Spec``), validated whole before
-anything starts: a bad key or value of any job is one line naming the job and the key's path.
+the defaults (``core.spec.BatchSpec``, validated whole before anything starts: a bad key or value
+of any job is one line naming the job and the key's path).
 Locally, each pipeline is its own driver process attached to one Ray cluster (the embedded one
 the batch starts, or ``--address``), so the pipelines share the cluster's actors, trial slots and
 Ray Train workers. Each run directory is ``STORAGE/JOB_NAME``; the batch writes
@@ -11,7 +11,6 @@ Ray Train workers. Each run directory is ``STORAGE/JOB_NAME``; the batch writes
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import subprocess
@@ -20,68 +19,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Optional
 
 import yaml
-from pydantic import Field
 
-from ..core.config import Spec
+from ..core.spec import BatchSpec, load_batch
 from ..errors import GeopruneError
-from .job import JobSpec
 from .rundir import RunDir
 
 log = logging.getLogger("geoprune_ray")
-
-
-class _BatchFile(Spec):
-    """A batch file's shape; its jobs are merged over the defaults and validated as job specs by BatchSpec."""
-
-    KIND: ClassVar[str] = "batch-spec"
-
-    name: str = "batch"
-    defaults: Optional[dict[str, Any]] = None  # any job-spec keys
-    jobs: list[dict[str, Any]] = Field(default_factory=list)
-
-
-class BatchSpec(Spec):
-    """A validated batch: its name and its job specs, each merged over the batch's defaults."""
-
-    KIND: ClassVar[str] = "batch-spec"
-
-    name: str
-    jobs: tuple[JobSpec, ...]
-
-    @classmethod
-    def from_dict(cls, data: Any) -> "BatchSpec":
-        """One error line for the whole batch; a job's is prefixed with its name ("batch job 'a': method.beta ...")."""
-        shape = _BatchFile.from_dict(data)
-        if not shape.jobs:
-            raise GeopruneError("the batch spec has no jobs", "list at least one job under 'jobs:'")
-        specs = []
-        for i, job in enumerate(shape.jobs):
-            if not job.get("name"):
-                raise GeopruneError(f"batch job #{i + 1} has no name", "give every job a unique 'name:'")
-            try:
-                specs.append(JobSpec.from_dict(_merge(shape.defaults or {}, job)))
-            except GeopruneError as exc:
-                raise GeopruneError(f"batch job '{job['name']}': {exc.message}", exc.hint) from None
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise GeopruneError("batch job names repeat", "give every job a unique 'name:' (it names its run folder)")
-        return cls(name=shape.name, jobs=tuple(specs))
-
-
-def load_batch(path: str | Path) -> BatchSpec:
-    from ..app.spec import read_yaml
-
-    return BatchSpec.from_dict(read_yaml(path, "batch spec", "jobs/paper_cifar100.yaml"))
-
-
-def _merge(base: Mapping, over: Mapping) -> dict:
-    out = copy.deepcopy(dict(base))
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) else value
-    return out
+__all__ = ["BatchSpec", "load_batch", "run_batch"]  # the specs' home is core.spec; kept here for one release
 
 
 def _pump(name: str, stream, sink) -> None:

@@ -45,7 +45,7 @@ from ..core.reference import provenance, resolve
 from ..core.train import evaluate
 from .guard import SIGNALS, failpoint, mark_embedded_cluster
 from ..errors import GeopruneError, Interrupted, first_line
-from .job import JobSpec
+from ..core.spec import JobSpec
 from .probes import START_TIMEOUT_S, PoolSpec, PoolStarter, ProbePool
 from .progress import Progress
 from .rundir import RunDir
