@@ -96,9 +96,10 @@ def full_run(ray_cluster, digits_weights, tmp_path_factory):
     """One finished pipeline run on digits with all four arms: (run directory, summary)."""
     from geoprune_ray.core.spec import JobSpec
     from geoprune_ray.distributed.pipeline import run_job
+    from geoprune_ray.report import render_report
 
     storage = tmp_path_factory.mktemp("run") / "digits"
     job = pipeline_job(digits_weights, ["adaptive", "baseline", "gc", "uniform"], "digits-full")
     job["protocol"]["probe_accuracy"] = True  # each probe's top-1 too (the evidence's Spearman)
     spec = JobSpec.from_dict(job)
-    return storage, run_job(spec, str(storage))
+    return storage, run_job(spec, str(storage), report=render_report)

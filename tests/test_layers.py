@@ -10,10 +10,8 @@ import geoprune_ray
 
 ROOT = Path(geoprune_ray.__file__).parent
 LAYERS = {"errors": 0, "core": 1, "distributed": 2, "app": 3, "report": 3, "evidence": 3, "export": 3, "bench": 3}
-# Upward imports still to remove (issue 14): the driver renders the report at the end of a run. An entry that no
-# longer exists fails too, so this list only shrinks.
-KNOWN = {("geoprune_ray.distributed.pipeline", "geoprune_ray.report"),
-         ("geoprune_ray.distributed.batch", "geoprune_ray.report")}
+# Upward imports still to remove (issue 14). An entry that no longer exists fails too, so this list only shrinks.
+KNOWN: set[tuple[str, str]] = set()
 
 
 def _layer(module: str):

@@ -94,7 +94,7 @@ def test_speed_plot_and_the_measured_speed(artifacts):
 
 def test_report_md_links_plots_that_exist(full_run):
     storage, summary = full_run
-    report = (storage / "report.md").read_text()  # written by the pipeline itself
+    report = (storage / "report.md").read_text()  # written at the run's end
     assert render_report(str(storage)).endswith("report.md")  # and re-rendered from the artifacts alone
     for name in ("probes", "probe_accuracy", "trajectory", "groups", "accuracy_macs", "speed", "timeline"):
         assert f"(plots/{name}.png)" in report

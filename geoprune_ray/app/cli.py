@@ -91,13 +91,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ..distributed.pipeline import run_job
-    from ..report import arms_table
+    from ..report import arms_table, render_report
     from ..core.spec import load_spec
 
     spec = load_spec(args.job)
     storage = args.storage or f"runs/{spec.name}"
     _resume_with(f"geoprune resume {storage}")
-    summary = run_job(spec, storage, address=args.address)
+    summary = run_job(spec, storage, address=args.address, report=render_report)
     print(arms_table(summary["arms"]))
     print(f"wrote {storage} (report: {storage.rstrip('/')}/report.md)")
     return 0
@@ -119,7 +119,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
         print(f"{args.run_dir} already finished; report re-rendered")
     else:
         _resume_with(f"geoprune resume {args.run_dir}")
-        summary = run_job(JobSpec.from_dict(run.read_json(STATE)["spec"]), args.run_dir, address=args.address)
+        summary = run_job(JobSpec.from_dict(run.read_json(STATE)["spec"]), args.run_dir, address=args.address,
+                          report=render_report)
     print(arms_table(summary["arms"]))
     return 0
 
@@ -191,6 +192,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from ..core.spec import load_batch
     from ..distributed.batch import run_batch
+    from ..report import render_batch
 
     batch = load_batch(args.batch)
     storage = args.storage or f"runs/{batch.name}"
@@ -199,7 +201,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         from .submit import submit_batch
 
         return submit_batch(batch, storage, args.address, follow=True)
-    run_batch(batch, storage, address=args.address)
+    run_batch(batch, storage, address=args.address, report=render_batch)
     print((Path(storage) / "batch.md").read_text() if "://" not in storage else f"wrote {storage}/batch.md")
     return 0
 

@@ -21,6 +21,7 @@ from ..core.models import build_model
 from ..core.pruning import ModelCard
 from ..core.spec import JobSpec
 from ..distributed.pipeline import run_job
+from ..report import render_report
 from ..distributed.launch import FINETUNE_POLL_S, fit
 from ..distributed.scaling import Scaling
 from .core import synthetic_set
@@ -186,7 +187,7 @@ def pipeline_split(job: dict[str, Any], memory: bool = True) -> dict[str, Any]:
     (probes + sensitivity + controller steps) as a fraction of the final fine-tune, and (``memory``) peak memory."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="geoprune-bench-") as storage, PeakMemory(pss=memory) as sampler:
-        summary = run_job(JobSpec.from_dict(job), str(Path(storage) / "run"))
+        summary = run_job(JobSpec.from_dict(job), str(Path(storage) / "run"), report=render_report)  # as `run` does
     t = summary["timings_s"]
     search = t["probes"] + t["sensitivity"] + t.get("step_trials", 0.0)
     finetune = t.get("finetune_trials", 0.0)

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 
@@ -37,8 +37,10 @@ def _pump(name: str, stream, sink) -> None:
         sink.flush()
 
 
-def run_batch(batch: BatchSpec, storage: str, address: Optional[str] = None) -> dict[str, Any]:
-    """Run every job of ``batch`` concurrently on one cluster; returns batch.json's record."""
+def run_batch(batch: BatchSpec, storage: str, address: Optional[str] = None,
+              report: Optional[Callable[[RunDir, dict], Any]] = None) -> dict[str, Any]:
+    """Run every job of ``batch`` concurrently on one cluster; returns batch.json's record. ``report(out, summaries)``,
+    given, renders the combined table of the jobs that finished (the CLI passes ``report.render_batch``)."""
     import ray
 
     from .pipeline import Pipeline, connect, embedded_size
@@ -83,10 +85,8 @@ def run_batch(batch: BatchSpec, storage: str, address: Optional[str] = None) -> 
             job["stages"] = {k: {"started": v.get("started"), "finished": v.get("finished")}
                              for k, v in state["stages"].items()}
     out.write_json("batch.json", record)
-    if summaries:
-        from ..report import render_batch
-
-        log.info("batch report: %s", render_batch(out, summaries))
+    if summaries and report is not None:
+        log.info("batch report: %s", report(out, summaries))
     failed = [n for n, j in record["jobs"].items() if j["exit_code"] != 0]
     if failed:
         raise GeopruneError(f"batch jobs failed: {', '.join(failed)}",

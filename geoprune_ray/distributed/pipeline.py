@@ -9,7 +9,8 @@ starting as soon as its inputs exist:
   the controller);
 - when it stops, every arm's ratios are settled on the actors and published, and the actors are given back;
 - the arms' fine-tunes run side by side as trials through Ray Train, each measuring its own ΔG and
-  top-1 before and after → ``trials.parquet``, ``model/``, ``summary.json``, ``report.md``.
+  top-1 before and after → ``trials.parquet``, ``model/``, ``summary.json`` (and ``report.md``, rendered by the
+  caller's ``report``).
 
 Each finished stage is recorded in ``state.json`` with its outputs, so a driver that was killed
 resumes from the run directory: finished stages are read back, and the Tune experiment is restored
@@ -30,7 +31,7 @@ import time
 import unittest.mock
 import uuid
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import ray
 import torch
@@ -149,6 +150,7 @@ class Pipeline:
         self.timings: dict[str, float] = dict(self.state.get("timings", {}))
         self._resolved = None
         self._searching: Optional[threading.Thread] = None
+        self.report: Optional[Callable[[RunDir], Any]] = None  # renders the report from the run directory at the end
 
     # -- bookkeeping
     def _done(self, stage: str, started: float, finished: Optional[float] = None, **outputs: Any) -> None:
@@ -524,9 +526,8 @@ class Pipeline:
             "timeline": self.timeline(trials),
         })
         self.run.write_json("summary.json", summary)
-        from ..report import render_report
-
-        log.info("report: %s", render_report(self.run))
+        if self.report is not None:  # report.md and the plots: the app's (``report.render_report``)
+            log.info("report: %s", self.report(self.run))
         return summary
 
     def timeline(self, trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -802,10 +803,13 @@ def _jsonable(data: Any) -> Any:
     return data
 
 
-def run_job(spec: JobSpec, storage: str, address: Optional[str] = None) -> dict[str, Any]:
+def run_job(spec: JobSpec, storage: str, address: Optional[str] = None,
+            report: Optional[Callable[[RunDir], Any]] = None) -> dict[str, Any]:
     """Run (or resume) ``spec`` with every artifact under ``storage``; returns the summary. One driver at a time
-    holds a run directory (``RunDir.lock``)."""
+    holds a run directory (``RunDir.lock``). ``report(run)``, given, renders the report once the artifacts are written
+    (the CLI passes ``report.render_report``: rendering is the app's, above this layer)."""
     pipeline = Pipeline(spec, storage)  # checks the run directory before a cluster is started
+    pipeline.report = report
     pipeline.preflight()  # and the model, weights and data
     if address or os.environ.get("RAY_ADDRESS"):
         check_gcs_address(address or os.environ["RAY_ADDRESS"])
