@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -25,7 +26,7 @@ import yaml
 
 from conftest import pipeline_job
 from geoprune_ray.app.cli import main
-from geoprune_ray.distributed.guard import RunLock, descendants
+from geoprune_ray.distributed.guard import RunLock, descendants, started_at
 
 RESUME_POINTS = ["tune:start", "search:start", "search:end", "controller:end", "arms:end", "finetune:epoch",
                  "artifacts:start"]
@@ -41,20 +42,12 @@ def _driver(argv, log_path, failpoint=None, err_path=None):
     return subprocess.Popen([sys.executable, "-m", "geoprune_ray.app.cli", *argv], stdout=out, stderr=err, env=env)
 
 
-def _alive(pids: dict[int, str]) -> list[int]:
+def _alive(pids: dict[int, float]) -> list[int]:
     """The processes of ``pids`` (PID → start time) still running (a zombie has ended)."""
-    left = []
-    for pid, start in pids.items():
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[19] == start and fields[0] != "Z":
-            left.append(pid)
-    return left
+    return [pid for pid, start in pids.items() if started_at(pid) == start]
 
 
-def _wait_noting_descendants(proc: subprocess.Popen, timeout: float) -> tuple[int, dict[int, str]]:
+def _wait_noting_descendants(proc: subprocess.Popen, timeout: float) -> tuple[int, dict[int, float]]:
     """Wait for ``proc``, noting every process that ran under it (its embedded Ray's); ``_NAMES`` gets their names."""
     seen: dict[int, str] = {}
     deadline = time.monotonic() + timeout
@@ -70,7 +63,7 @@ def _wait_noting_descendants(proc: subprocess.Popen, timeout: float) -> tuple[in
 _NAMES: dict[int, str] = {}
 
 
-def _gone_within(pids: dict[int, str], seconds: float) -> list[int]:
+def _gone_within(pids: dict[int, float], seconds: float) -> list[int]:
     deadline = time.monotonic() + seconds
     while (left := _alive(pids)) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -168,8 +161,8 @@ def test_kill_9_leaves_no_ray_process_and_a_second_ctrl_c_exits_at_once(tmp_path
 
 def _name(pid: int) -> str:
     try:
-        return open(f"/proc/{pid}/comm").read().strip()
-    except OSError:
+        return psutil.Process(pid).name()
+    except psutil.Error:
         return ""
 
 

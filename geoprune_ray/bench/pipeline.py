@@ -6,13 +6,13 @@ same spec run in one process (``core.reference.adaptive_prune``), measured in th
 from __future__ import annotations
 
 import importlib
-import os
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
+import psutil
 import ray
 import torch
 
@@ -27,33 +27,17 @@ from ..distributed.scaling import Scaling
 from .core import synthetic_set
 
 
-def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    out, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        out.append(pid)
-        stack.extend(children.get(pid, []))
-    return out
-
-
-def _pss_bytes(pid: int) -> int:
-    """Proportional set size: shared pages (the object store, torch's libraries) counted once overall."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+def _pss_bytes() -> int:
+    """The summed proportional set size of this process and its descendants (shared pages: the object store, torch's
+    libraries, counted once overall), from psutil (``smaps_rollup`` on Linux)."""
+    total = 0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.Error, AttributeError):  # ended meanwhile, not ours to read, or no PSS on this system
+            pass
+    return total
 
 
 def _gpu_busy() -> Optional[float]:
@@ -85,7 +69,7 @@ class PeakMemory:
     def _loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
             if self.pss:
-                self.peak = max(self.peak, sum(_pss_bytes(p) for p in _tree(os.getpid())))
+                self.peak = max(self.peak, _pss_bytes())
             busy = _gpu_busy()
             if busy is not None:
                 self.gpu_samples.append(busy)

@@ -16,8 +16,8 @@ behind, and named fault points for the tests.
   parent-death signal, but not the processes the raylet starts (its agents, workers), which outlive a driver killed
   with SIGKILL (seen: ``ray::DashboardAgent``, ``ray::RuntimeEnvAgent`` and a worker still alive 30 s later). Every
   process of the embedded cluster inherits a token in its environment (``GEOPRUNE_DRIVER``); a small watchdog process,
-  in a session of its own, waits for the driver to end and then kills whatever still carries the token (Linux:
-  ``/proc``; elsewhere it does nothing).
+  in a session of its own, notes the driver's processes while it lives and, once it has ended, kills what is left
+  of them and whatever still carries the token (psutil).
 - **Fault points.** ``failpoint(name)`` does nothing unless ``GEOPRUNE_FAILPOINT=name:action`` is set, where
   ``action`` is ``kill`` (SIGKILL this driver), ``sigint`` or ``sigterm`` (the signal, sent to this process as a
   user would). The kill-and-resume and signal tests use them to stop a driver at an exact point.
@@ -39,6 +39,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Iterator, Optional
+
+import psutil
 
 from ..errors import GeopruneError
 
@@ -172,7 +174,7 @@ def mark_embedded_cluster() -> str:
         return token  # marked already (a second cluster in one process)
     token = f"{uuid.uuid4().hex}:{os.getpid()}"
     os.environ[TOKEN_ENV] = token
-    if sys.platform.startswith("linux"):
+    if os.name == "posix":  # a session of its own: a terminal's Ctrl-C does not reach it
         env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
         subprocess.Popen([sys.executable, "-m", "geoprune_ray.distributed.guard", str(os.getpid()), token],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -180,56 +182,35 @@ def mark_embedded_cluster() -> str:
     return token
 
 
-def _stat(pid: int) -> Optional[tuple[int, str]]:
-    """(parent PID, start time in clock ticks) from /proc/PID/stat; the start time tells a PID reused from a dead
-    process."""
+def started_at(pid: int) -> Optional[float]:
+    """When process ``pid`` started (None if there is none, or it has ended: a zombie): tells a PID reused from a
+    dead process."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        proc = psutil.Process(pid)
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc.create_time()
+    except psutil.Error:
         return None
-    return int(fields[1]), fields[19]
 
 
-def _start_time(pid: int) -> Optional[str]:
-    stat = _stat(pid)
-    return stat[1] if stat else None
-
-
-def _processes() -> dict[int, tuple[int, str]]:
-    table = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
-            table[int(entry.name)] = stat
-    return table
-
-
-def descendants(root: int, table: Optional[dict[int, tuple[int, str]]] = None) -> dict[int, str]:
+def descendants(root: int) -> dict[int, float]:
     """The processes under ``root`` (PID → start time)."""
-    table = _processes() if table is None else table
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    found, todo = {}, list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        found[pid] = table[pid][1]
-        todo.extend(children.get(pid, []))
+    found = {}
+    try:
+        children = psutil.Process(root).children(recursive=True)
+    except psutil.Error:
+        return found
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            found[child.pid] = child.create_time()
     return found
 
 
 def marked_processes(token: str) -> list[int]:
     """PIDs of the processes whose environment carries ``token`` (not this one)."""
-    needle = f"{TOKEN_ENV}={token}".encode()
     found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    found.append(int(entry.name))
-        except OSError:
-            continue
+    for proc in psutil.process_iter(["environ"]):
+        if proc.pid != os.getpid() and (proc.info.get("environ") or {}).get(TOKEN_ENV) == token:
+            found.append(proc.pid)
     return found
 
 
@@ -238,15 +219,15 @@ def watch(driver_pid: int, token: str, poll_s: float = 0.5, grace_s: float = 3.0
     the token: Ray starts them with an environment of their own); once it has ended, give Ray's own shutdown
     ``grace_s``, then SIGKILL every noted process still alive and every process that carries the token (three
     rounds, for what was starting). Returns how many it killed."""
-    born = _start_time(driver_pid)
-    known: dict[int, str] = {}
-    while born is not None and _start_time(driver_pid) == born:
+    born = started_at(driver_pid)
+    known: dict[int, float] = {}
+    while born is not None and started_at(driver_pid) == born:
         known.update(descendants(driver_pid))
         known.pop(os.getpid(), None)  # the driver started this process too
         time.sleep(poll_s)
 
     def alive() -> list[int]:
-        return sorted({pid for pid, start in known.items() if _start_time(pid) == start} | set(marked_processes(token)))
+        return sorted({pid for pid, start in known.items() if started_at(pid) == start} | set(marked_processes(token)))
 
     deadline = time.monotonic() + grace_s
     while alive() and time.monotonic() < deadline:
