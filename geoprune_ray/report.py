@@ -331,7 +331,7 @@ def plot_batch(rows: Sequence[dict]) -> Figure:
     return fig
 
 
-def render_batch(out: RunDir, runs: dict[str, dict], started: Optional[dict[str, Any]] = None) -> str:
+def render_batch(out: RunDir, runs: dict[str, dict]) -> str:
     """``batch.md``, ``batch.parquet`` and ``plots/batch.png`` for runs (name → summary)."""
     rows = batch_rows(runs)
     out.write_table("batch.parquet", rows)

@@ -35,14 +35,12 @@ def _run(*args):
     (["prune", "--model", "convnet", "--dataset", "digits", "--out", "OUT", "--set", "r_max=1.2"], "outside (0, 1)"),
     (["run", "BADKEY"], "did you mean 'protocol'"),
     (["run", "GPUJOB", "--storage", "OUT"], "has no GPU"),
-    (["bench", "--job", "NOJOB", "--pairs", "0", "--output", "OUT"], "--pairs 0 must be at least 1"),
+    (["bench", "--job", "jobs/quickstart.yaml", "--pairs", "0", "--output", "OUT"], "--pairs 0 must be at least 1"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, needle, tmp_path):
     (tmp_path / "bad.yaml").write_text("name: x\nprotocl: {}\n")
     (tmp_path / "gpu.yaml").write_text("name: x\ndata: {name: digits}\nresources: {use_gpu: true}\n")
-    (tmp_path / "a_file").write_text("")
-    names = {"OUT": tmp_path / "out", "NOJOB": tmp_path / "absent.yaml", "BADKEY": tmp_path / "bad.yaml",
-             "GPUJOB": tmp_path / "gpu.yaml", "FILE/run": tmp_path / "a_file" / "run"}
+    names = {"OUT": tmp_path / "out", "BADKEY": tmp_path / "bad.yaml", "GPUJOB": tmp_path / "gpu.yaml"}
     args = [str(names.get(a, a)) for a in args]
     done = _run(*args)
     assert done.returncode == 2, done.stderr

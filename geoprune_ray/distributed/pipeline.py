@@ -19,6 +19,7 @@ with ``Tuner.restore``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -28,10 +29,9 @@ import socket
 import tempfile
 import threading
 import time
-import unittest.mock
 import uuid
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import ray
 import torch
@@ -676,11 +676,20 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def _tune_console_quiet():
+@contextlib.contextmanager
+def _tune_console_quiet() -> Iterator[None]:
     """Tune's console output prints an experiment box and result paths even at ``verbose=0`` (the box says
     "Number of trials 9223372036854775807" for ``num_samples=-1``); with its legacy reporter ``verbose=0``
     is silent. The run's own progress lines say what a user follows; the environment is put back after."""
-    return unittest.mock.patch.dict(os.environ, {"RAY_AIR_NEW_OUTPUT": "0"})
+    before = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = before
 
 
 def wait_for_gpus(timeout_s: float) -> dict[str, float]:
