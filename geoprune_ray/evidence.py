@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .distributed.rundir import RunDir
+from .core.rundir import RunDir
 from .errors import GeopruneError
 
 EVIDENCE_VERSION = 1

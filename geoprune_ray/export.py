@@ -7,16 +7,14 @@ PyTorch model's; a mismatch is an error, not a warning.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from .core.pruning import honour_umask, load_pruned, save_pruned
+from .core.pruning import load_pruned, save_pruned
+from .core.rundir import RunDir
 from .errors import GeopruneError
 
 FORMATS = ("onnx", "torchscript", "state")
@@ -56,26 +54,19 @@ def export_model(run_dir: str | Path, fmt: str, out: Optional[str | Path] = None
         with torch.inference_mode():
             diff = _outputs_match(reference, loaded(x))
     else:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=out_dir)
-        os.close(fd)
-        try:
+        def write(tmp: str) -> float:
             if fmt == "onnx":
-                diff = _export_onnx(model, x, reference, tmp)
-            else:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    torch.jit.save(torch.jit.trace(model, x[:1]), tmp)
-                    diff = _outputs_match(reference, torch.jit.load(tmp)(x).detach())
-            honour_umask(tmp)  # mkstemp's 0600 → what open() would give
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+                return _export_onnx(model, x, reference, tmp)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.jit.save(torch.jit.trace(model, x[:1]), tmp)
+                return _outputs_match(reference, torch.jit.load(tmp)(x).detach())
+
+        diff = RunDir(str(out_dir)).write_file(target.name, write)
     record = {"format": fmt, "path": str(target), "max_abs_diff": diff, "batch": batch, "atol": ATOL, "rtol": RTOL,
               "input_shape": list(card.input_shape), "mean": list(card.mean), "std": list(card.std),
               "classes": list(card.classes), "note": "inputs are images scaled to [0, 1], then normalised by mean/std"}
-    (out_dir / f"{fmt}.check.json").write_text(json.dumps(record, indent=2) + "\n")
+    RunDir(str(out_dir)).write_json(f"{fmt}.check.json", record)
     return record
 
 

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from .core.protocol import ARM_LABELS  # noqa: E402
-from .distributed.rundir import RunDir  # noqa: E402
+from .core.rundir import RunDir  # noqa: E402
 from .errors import GeopruneError  # noqa: E402
 
 PLOTS = ("probes", "probe_accuracy", "trajectory", "groups", "accuracy_macs", "speed", "timeline")

@@ -11,7 +11,7 @@ import yaml
 from conftest import assert_refused
 from geoprune_ray.app.cli import main
 from geoprune_ray.core.models import build_model
-from geoprune_ray.distributed.rundir import RunDir
+from geoprune_ray.core.rundir import RunDir
 
 GOOD = {"name": "bad-input", "model": {"name": "convnet", "width": 0.5}, "data": {"name": "digits"},
         "protocol": {"baseline_epochs": 0, "finetune_epochs": 1}}

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from geoprune_ray.distributed.rundir import RunDir
+from geoprune_ray.core.rundir import RunDir
 from geoprune_ray.errors import GeopruneError
 from geoprune_ray.report import figures, read_run, render_report
 

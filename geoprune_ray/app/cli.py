@@ -106,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from ..core.spec import JobSpec
     from ..distributed.pipeline import STATE, run_job
-    from ..distributed.rundir import RunDir
+    from ..core.rundir import RunDir
     from ..report import arms_table, render_report
 
     run = RunDir(args.run_dir)
@@ -130,7 +130,7 @@ def _resume_with(command: str) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..distributed.rundir import RunDir
+    from ..core.rundir import RunDir
     from ..report import render_batch, render_report
 
     run = RunDir(args.run_dir)
@@ -180,10 +180,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     train(model, train_set, TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                                         capture=args.step_capture), args.device)
     top1 = evaluate(model, test_set, args.device)["top1"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(out)
+    from ..core.rundir import RunDir
+
+    RunDir(str(out.parent)).write_file(out.name, lambda tmp: torch.save(
+        {k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp))
     print(f"{card.arch} on {train_set.name}: top-1 {top1:.2f}% after {args.epochs} epochs; wrote {out} "
           f"(use it as model.weights in a job spec)")
     return 0

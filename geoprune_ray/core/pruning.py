@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -23,6 +20,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import GeopruneError
+from .rundir import RunDir
 from .models import build_model, classifier_head
 
 ARTIFACT_FORMAT = "geoprune-ray/pruned-model"
@@ -176,29 +174,6 @@ class ModelCard:
         return build_model(self.arch, self.num_classes, self.in_channels, self.width)
 
 
-def current_umask() -> int:
-    """The process's umask: read from /proc on Linux (no change to it), else set and put back at once."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
-
-
-def honour_umask(path: str | Path, directory: bool = False) -> None:
-    """Give a ``mkstemp`` file or ``mkdtemp`` folder (0600/0700) the mode a plain ``open``/``mkdir`` would give.
-
-    Artifacts are written to a temporary name and renamed into place (atomic), but they are for others to read
-    like every other file of a run; call this before the rename.
-    """
-    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
-
-
 def save_pruned(path: str | Path, model: nn.Module, history: list, card: ModelCard,
                 extra: Optional[Mapping[str, Any]] = None) -> Path:
     """Write ``path/`` (``model.pt`` + ``model.json``) atomically: all of it or nothing."""
@@ -211,18 +186,11 @@ def save_pruned(path: str | Path, model: nn.Module, history: list, card: ModelCa
     macs, params = macs_params(model, card.input_shape)
     meta = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "card": card.to_dict(),
             "macs": macs, "params": params, "pruned_groups": len(history), **dict(extra or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    def write(staging: Path) -> None:
         torch.save(payload, staging / "model.pt")
         (staging / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-        honour_umask(staging, directory=True)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    RunDir(str(path.parent)).write_folder(path.name, write)
     return path
 
 

@@ -8,12 +8,10 @@ users embed and the yardstick the distributed path is tested against.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -30,7 +28,8 @@ from .geometry import Calibration, GeometryMeter
 from . import protocol
 from .method import PruneTarget, allocate, measure, probe_ratios, weighted_ratio
 from .models import build_model, default_input_size, load_weights
-from .pruning import ModelCard, dependency_groups, honour_umask, macs_params, save_pruned
+from .pruning import ModelCard, dependency_groups, macs_params, save_pruned
+from .rundir import RunDir
 from .protocol import SCHEMA_VERSION
 from .train import evaluate, pick_device, train
 
@@ -64,18 +63,8 @@ class PruneResult:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=float)
-            f.write("\n")
-        honour_umask(tmp)  # mkstemp's 0600 → what open() would give
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write JSON atomically (a reader never sees half a file): ``RunDir.write_json``."""
+    RunDir(str(Path(path).parent)).write_json(Path(path).name, data)
 
 
 def provenance(device: torch.device) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import yaml
 
 from ..core.spec import BatchSpec, load_batch
 from ..errors import GeopruneError
-from .rundir import RunDir
+from ..core.rundir import RunDir
 
 log = logging.getLogger("geoprune_ray")
 __all__ = ["BatchSpec", "load_batch", "run_batch"]  # the specs' home is core.spec; kept here for one release

@@ -44,12 +44,12 @@ from ..core.protocol import SCHEMA_VERSION
 from ..core.pruning import dependency_groups, macs_params, replay_pruning, save_pruned
 from ..core.reference import provenance, resolve
 from ..core.train import evaluate
-from .guard import SIGNALS, failpoint, mark_embedded_cluster
+from .guard import SIGNALS, RunLock, failpoint, mark_embedded_cluster
 from ..errors import GeopruneError, Interrupted, first_line
 from ..core.spec import JobSpec
 from .probes import START_TIMEOUT_S, PoolSpec, PoolStarter, ProbePool
 from .progress import Progress
-from .rundir import RunDir
+from ..core.rundir import RunDir
 from .searcher import SEARCHED, RatioSearcher, on_converged, provide
 from .sensitivity import by_group, submit_sensitivity
 from .launch import NO_AUTOSCALER_ENV, fit, join_teardowns, load_checkpoint
@@ -824,7 +824,7 @@ def run_job(spec: JobSpec, storage: str, address: Optional[str] = None,
         check_gcs_address(address or os.environ["RAY_ADDRESS"])
     elif not ray.is_initialized():
         spec.check_placeable(*embedded_size())  # what an embedded Ray could never place: refused before it starts
-    lock = pipeline.run.lock()
+    lock = RunLock(pipeline.run.location, None if pipeline.run.remote else pipeline.run.root).acquire()
     try:
         started = time.time()
         connect(address)
