@@ -103,10 +103,6 @@ class Signals:
 SIGNALS = Signals()
 
 
-def reassert_signals() -> None:
-    SIGNALS.reassert()
-
-
 class RunLock:
     """An exclusive lock on a run directory for the life of this driver (see the module docstring)."""
 

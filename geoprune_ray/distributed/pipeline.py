@@ -820,9 +820,7 @@ def run_job(spec: JobSpec, storage: str, address: Optional[str] = None,
     pipeline = Pipeline(spec, storage)  # checks the run directory before a cluster is started
     pipeline.report = report
     pipeline.preflight()  # and the model, weights and data
-    if address or os.environ.get("RAY_ADDRESS"):
-        check_gcs_address(address or os.environ["RAY_ADDRESS"])
-    elif not ray.is_initialized():
+    if not (address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized():
         spec.check_placeable(*embedded_size())  # what an embedded Ray could never place: refused before it starts
     lock = RunLock(pipeline.run.location, None if pipeline.run.remote else pipeline.run.root).acquire()
     try:
