@@ -53,9 +53,8 @@ def _wait_noting_descendants(proc: subprocess.Popen, timeout: float) -> tuple[in
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         for pid, start in descendants(proc.pid).items():
-            if pid not in seen:
-                seen[pid] = start
-                _NAMES[pid] = _name(pid)
+            seen.setdefault(pid, start)
+            _NAMES[pid] = _name(pid) or _NAMES.get(pid, "")  # the latest: a process just forked is still "python"
         time.sleep(0.2)
     return proc.wait(timeout=5), seen
 
