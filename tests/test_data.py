@@ -6,7 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from geoprune_ray.core.data import balanced_indices, load_dataset, read_idx, stratified_halves
+from geoprune_ray.core import data
+from geoprune_ray.core.data import (ImageSet, balanced_indices, list_datasets, load_dataset, read_idx, register_dataset,
+                                    stratified_halves)
 from geoprune_ray.errors import GeopruneError
 
 
@@ -99,6 +101,36 @@ def test_bad_names_and_dirs():
         load_dataset("digits", "validation")
     with pytest.raises(GeopruneError, match="not found"):
         load_dataset("cifar10", "train", data_dir="/tmp")
+
+
+def test_the_registry_lists_the_datasets_in_order():
+    assert list_datasets() == ["digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH"]
+    with pytest.raises(GeopruneError, match="use one of digits, fashion-mnist, cifar10, cifar100, imagefolder:PATH"):
+        load_dataset("imagefolder", "train")  # a family is named with its argument
+
+
+def test_a_registered_dataset_is_loaded_and_listed(monkeypatch):
+    """Adding a dataset is one decorated loader; the registration is undone after the test."""
+    monkeypatch.setattr(data, "_REGISTRY", dict(data._REGISTRY))
+    calls = []
+
+    @register_dataset("tiny", "four 2×2 gray images")
+    def tiny(split, data_dir, download):
+        calls.append((split, data_dir, download))
+        return ImageSet("tiny", torch.zeros(4, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]), ("a", "b"),
+                        (0.5,), (0.25,), flip=False)
+
+    @register_dataset("tinies", "tiny, named tinies:WHAT", argument="WHAT")
+    def tinies(what, split, data_dir, download):
+        calls.append((what, split))
+        return tiny(split, data_dir, download)
+
+    assert list_datasets()[-2:] == ["tiny", "tinies:WHAT"]
+    ds = load_dataset("tiny", "test", download=True)
+    assert ds.name == "tiny" and ds.num_classes == 2 and calls == [("test", None, True)]
+    assert load_dataset("tinies:x:y", "train").shape == (1, 2, 2) and calls[1] == ("x:y", "train")
+    with pytest.raises(GeopruneError, match="unknown dataset 'tinies'"):
+        load_dataset("tinies", "train")
 
 
 def test_balanced_sampler():

@@ -1,9 +1,11 @@
 """Datasets as uint8 image tensors, fitted to the model's input, and the seeded samplers.
 
-``load_dataset(name, split, data_dir=None, download=False)`` knows ``digits`` (scikit-learn's
-bundled 8×8 digits), ``fashion-mnist`` (IDX ``.gz`` files), ``cifar10``/``cifar100`` (torchvision)
-and ``imagefolder:PATH`` (``PATH/train``, ``PATH/test`` or ``PATH/val``). Small datasets live in
-memory as one uint8 tensor; image folders are read lazily through a DataLoader.
+``load_dataset(name, split, data_dir=None, download=False)`` looks the name up in the dataset registry, which
+``list_datasets()`` lists: ``digits`` (scikit-learn's bundled 8×8 digits), ``fashion-mnist`` (IDX ``.gz`` files),
+``cifar10``/``cifar100`` (torchvision) and ``imagefolder:PATH`` (``PATH/train``, ``PATH/test`` or ``PATH/val``).
+A dataset is added by one decorated loader, ``@register_dataset(name, description)`` (``argument="PATH"`` for a
+family named ``name:PATH``). Small datasets live in memory as one uint8 tensor; image folders are read lazily
+through a DataLoader.
 
 An image folder is checked when a split is loaded, which is the driver's preflight, before Ray starts:
 every image file is decoded once by the decoder the loader uses, and an unreadable one is refused
@@ -20,7 +22,7 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -145,8 +147,35 @@ class FolderImages(_Labelled):
 Dataset = ImageSet | FolderImages
 
 
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One registered dataset, or family of datasets (``argument`` set): how to load it and a line about it."""
+
+    loader: Callable[..., Dataset]
+    description: str
+    argument: Optional[str] = None  # what follows "name:" for a family of datasets (imagefolder:PATH); None: one
+
+
+_REGISTRY: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(name: str, description: str, argument: Optional[str] = None):
+    """Decorator: add a loader to the registry under ``name``.
+
+    A dataset's loader is called as ``loader(split, data_dir, download)``; a family's (``argument`` set, named
+    ``name:ARG``) as ``loader(arg, split, data_dir, download)``, ``arg`` being the text after the colon.
+    """
+
+    def wrap(loader):
+        _REGISTRY[name] = DatasetEntry(loader, description, argument)
+        return loader
+
+    return wrap
+
+
 def list_datasets() -> list[str]:
-    return ["digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH"]
+    """The registered names, in the order they were registered (a family as ``name:ARG``)."""
+    return [name if entry.argument is None else f"{name}:{entry.argument}" for name, entry in _REGISTRY.items()]
 
 
 def load_dataset(name: str, split: str, data_dir: str | Path | None = None, download: bool = False) -> Dataset:
@@ -156,14 +185,13 @@ def load_dataset(name: str, split: str, data_dir: str | Path | None = None, down
     if data_dir is not None and not Path(data_dir).is_dir():
         raise GeopruneError(f"data directory {data_dir} does not exist",
                             "pass an existing folder with --data-dir, or leave it out to use the default places")
-    if name == "digits":
-        return _digits(split)
-    if name == "fashion-mnist":
-        return _fashion_mnist(split, data_dir, download)
-    if name in ("cifar10", "cifar100"):
-        return _cifar(name, split, data_dir, download)
-    if name.startswith("imagefolder:"):
-        return _image_folder(Path(name.split(":", 1)[1]), split)
+    entry = _REGISTRY.get(name)
+    if entry is not None and entry.argument is None:
+        return entry.loader(split, data_dir, download)
+    family, colon, arg = name.partition(":")
+    entry = _REGISTRY.get(family)
+    if colon and entry is not None and entry.argument is not None:
+        return entry.loader(arg, split, data_dir, download)
     raise GeopruneError(f"unknown dataset {name!r}", f"use one of {', '.join(list_datasets())}")
 
 
@@ -178,7 +206,8 @@ def _cache_dir(data_dir: str | Path | None) -> Path:
     return Path(data_dir) if data_dir else Path.home() / ".cache" / "geoprune"
 
 
-def _digits(split: str) -> ImageSet:
+@register_dataset("digits", "scikit-learn's bundled 8×8 digits, a fixed stratified 80/20 split")
+def _digits(split: str, data_dir, download: bool) -> ImageSet:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -215,6 +244,8 @@ def _find_idx(folder: Path, stem: str) -> Optional[Path]:
     return None
 
 
+@register_dataset("fashion-mnist", "Fashion-MNIST's IDX files (--data-dir, $GEOPRUNE_DATA, the system copy, "
+                                   "or a download)")
 def _fashion_mnist(split: str, data_dir, download: bool) -> ImageSet:
     image_stem, label_stem = _FASHION_FILES[split]
     searched = _search_dirs(data_dir, SYSTEM_FASHION_MNIST)
@@ -240,6 +271,16 @@ def _fashion_mnist(split: str, data_dir, download: bool) -> ImageSet:
         "set GEOPRUNE_DATA, or allow a download with --download")
 
 
+@register_dataset("cifar10", "CIFAR-10 (torchvision's archive)")
+def _cifar10(split: str, data_dir, download: bool) -> ImageSet:
+    return _cifar("cifar10", split, data_dir, download)
+
+
+@register_dataset("cifar100", "CIFAR-100 (torchvision's archive)")
+def _cifar100(split: str, data_dir, download: bool) -> ImageSet:
+    return _cifar("cifar100", split, data_dir, download)
+
+
 def _cifar(name: str, split: str, data_dir, download: bool) -> ImageSet:
     import torchvision
 
@@ -262,7 +303,10 @@ def _cifar(name: str, split: str, data_dir, download: bool) -> ImageSet:
     return ImageSet(name, images, torch.tensor(ds.targets, dtype=torch.long), tuple(ds.classes), mean, std, flip=True)
 
 
-def _image_folder(path: Path, split: str) -> FolderImages:
+@register_dataset("imagefolder", "an image folder: PATH/train/<class>/…, PATH/test/<class>/… or PATH/val/…",
+                  argument="PATH")
+def _image_folder(arg: str, split: str, data_dir, download: bool) -> FolderImages:
+    path = Path(arg)
     names = ("train",) if split == "train" else ("test", "val")
     roots = [path / n for n in names if (path / n).is_dir()]
     if not roots:
