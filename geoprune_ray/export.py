@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from .core.pruning import load_pruned, save_pruned
+from .core.artifact import MODEL_FILE, load_pruned, read_history, save_pruned
 from .core.rundir import RunDir
 from .errors import GeopruneError
 
@@ -34,8 +34,8 @@ def export_model(run_dir: str | Path, fmt: str, out: Optional[str | Path] = None
     if fmt not in FORMATS:
         raise GeopruneError(f"unknown export format {fmt!r}", f"use one of {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
-    if not (run_dir / "model" / "model.pt").is_file():
-        raise GeopruneError(f"{run_dir} holds no pruned model (no model/model.pt)",
+    if not (run_dir / "model" / MODEL_FILE).is_file():
+        raise GeopruneError(f"{run_dir} holds no pruned model (no model/{MODEL_FILE})",
                             "pass the --storage folder of a finished run")
     model, card = load_pruned(run_dir / "model")
     model.eval()
@@ -49,7 +49,7 @@ def export_model(run_dir: str | Path, fmt: str, out: Optional[str | Path] = None
         reference = model(x)
     target = out_dir / SUFFIX[fmt]
     if fmt == "state":  # save_pruned writes its folder atomically
-        save_pruned(target, model, _history(run_dir), card)
+        save_pruned(target, model, read_history(run_dir / "model"), card)
         loaded, _ = load_pruned(target)
         with torch.inference_mode():
             diff = _outputs_match(reference, loaded(x))
@@ -68,11 +68,6 @@ def export_model(run_dir: str | Path, fmt: str, out: Optional[str | Path] = None
               "classes": list(card.classes), "note": "inputs are images scaled to [0, 1], then normalised by mean/std"}
     RunDir(str(out_dir)).write_json(f"{fmt}.check.json", record)
     return record
-
-
-def _history(run_dir: Path) -> list:
-    payload = torch.load(run_dir / "model" / "model.pt", map_location="cpu", weights_only=True)
-    return payload["pruning_history"]
 
 
 def _export_onnx(model: torch.nn.Module, x: torch.Tensor, reference: torch.Tensor, path: str) -> float:

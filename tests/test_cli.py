@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from geoprune_ray.app.cli import main
-from geoprune_ray.core.pruning import load_pruned
+from geoprune_ray.core.artifact import load_pruned
 
 # METHOD.md §8: params and MACs at 32×32, 100 classes.
 PAPER = {"resnet18": (11.22e6, 557e6), "resnet50": (23.71e6, 1.308e9), "mobilenet_v2": (2.35e6, 26.17e6)}

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from geoprune_ray.app.cli import main
+from geoprune_ray.core.artifact import ModelCard, load_pruned, save_pruned
 from geoprune_ray.core.geometry import normalize
 from geoprune_ray.core.models import build_model, load_weights
-from geoprune_ray.core.pruning import ModelCard, load_pruned, save_pruned
-from geoprune_ray.core.reference import write_json
+from geoprune_ray.core.rundir import write_json
 from geoprune_ray.export import export_model
 
 

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from geoprune_ray.core.pruning import load_pruned
+from geoprune_ray.core.artifact import load_pruned
 from geoprune_ray.core.spec import JobSpec
 from geoprune_ray.distributed.pipeline import run_job
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from geoprune_ray.core import artifact, pruning
+from geoprune_ray.core.artifact import ModelCard, load_pruned, save_pruned
 from geoprune_ray.core.models import build_model, classifier_head
-from geoprune_ray.core.pruning import (IMPORTANCES, ModelCard, dependency_groups, kept_channels, load_pruned,
-                                       macs_params, prune_copy, save_pruned)
+from geoprune_ray.core.pruning import IMPORTANCES, dependency_groups, kept_channels, macs_params, prune_copy
 from geoprune_ray.errors import GeopruneError
 
 SHAPE = (3, 32, 32)
@@ -72,7 +73,7 @@ def test_load_pruned_in_fresh_process_reproduces_logits(saved_models):
     root, records = saved_models
     script = f"""
 import sys, torch
-from geoprune_ray.core.pruning import load_pruned
+from geoprune_ray.core.artifact import load_pruned
 worst = 0.0
 for name in {[arch.replace(':', '_') for arch, *_ in records]!r}:
     model, card = load_pruned({str(root)!r} + '/' + name)
@@ -158,3 +159,13 @@ def test_loading_a_foreign_pickle_is_refused(tmp_path):
     torch.save({"format": "geoprune-ray/pruned-model", "x": Evil()}, tmp_path / "model.pt")
     with pytest.raises(GeopruneError, match="cannot load .* safely"):
         load_pruned(tmp_path)
+
+
+def test_the_artifact_names_are_still_importable_from_pruning():
+    """Their home is core.artifact; core.pruning keeps them for one release (issue 14)."""
+    from geoprune_ray.core.pruning import ModelCard as Card, load_pruned as load, save_pruned as save
+
+    assert (Card, load, save) == (artifact.ModelCard, artifact.load_pruned, artifact.save_pruned)
+    assert (pruning.ARTIFACT_FORMAT, pruning.ARTIFACT_VERSION) == (artifact.ARTIFACT_FORMAT, artifact.ARTIFACT_VERSION)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        pruning.nope

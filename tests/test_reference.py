@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import small_method
+from geoprune_ray.core.artifact import load_pruned
 from geoprune_ray.core.config import MethodConfig, TrainConfig, finetune_defaults
 from geoprune_ray.core.models import build_model
-from geoprune_ray.core.pruning import load_pruned
 from geoprune_ray.core.reference import adaptive_prune
 from geoprune_ray.errors import GeopruneError
 
@@ -69,3 +69,10 @@ def test_missing_class_in_training_split_is_an_error(digits):
     with pytest.raises(GeopruneError, match=r"classes \[9\] have no examples"):
         adaptive_prune(build_model("convnet", 10, width=0.25), without_nines, test_set, method=small_method(),
                        device="cpu")
+
+
+def test_provenance_and_write_json_are_still_importable_from_reference():
+    """Their homes are core.provenance and core.rundir; core.reference keeps them for one release (issue 14)."""
+    from geoprune_ray.core import provenance as home, reference, rundir
+
+    assert reference.provenance is home.provenance and reference.write_json is rundir.write_json

@@ -15,10 +15,10 @@ import ray
 import torch
 from conftest import small_method
 
+from geoprune_ray.core.artifact import ModelCard
 from geoprune_ray.core.config import PruneTarget, TrainConfig
 from geoprune_ray.core.geometry import Calibration
 from geoprune_ray.core.models import build_model
-from geoprune_ray.core.pruning import ModelCard
 from geoprune_ray.distributed.progress import Progress
 from geoprune_ray.distributed.launch import fit, join_teardowns, load_checkpoint
 from geoprune_ray.distributed.scaling import ArmJob, Scaling

@@ -16,9 +16,9 @@ import psutil
 import ray
 import torch
 
+from ..core.artifact import ModelCard
 from ..core.config import TrainConfig
 from ..core.models import build_model
-from ..core.pruning import ModelCard
 from ..core.spec import JobSpec
 from ..distributed.pipeline import run_job
 from ..report import render_report

@@ -17,12 +17,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .artifact import ModelCard
 from .config import MethodConfig, TrainConfig
 from .data import Dataset
 from .geometry import GeometryMeter
 from .method import (GC_BUDGET, GC_GRID, Controller, PruneTarget, allocate, gc_ratio, initial_ratio, layer_budgets,
                      match_macs, tau, weighted_ratio)
-from .pruning import ModelCard, macs_params, prune_copy
+from .pruning import macs_params, prune_copy
 from .train import evaluate, train
 
 log = logging.getLogger("geoprune_ray")

@@ -1,18 +1,20 @@
-"""Structured pruning with torch-pruning (METHOD.md §5): groups, per-group ratios, safe artifacts.
+"""Structured pruning with torch-pruning (METHOD.md §5): groups, per-group ratios, the pruning history, MACs.
 
 A "layer" is a torch-pruning dependency group (coupled channels removed together), named by the
 qualified name of its first module. ``prune_copy`` prunes a copy with one ratio per group (local
 ranking by an importance criterion from the registry); the classifier's outputs are never pruned
-and every group keeps at least one channel. ``save_pruned``/``load_pruned`` store the state_dict
-with torch-pruning's pruning history, so loading needs no pickle (``weights_only=True``).
+and every group keeps at least one channel. It returns torch-pruning's pruning history as plain data
+(``plain_history``), which ``replay_pruning`` applies to an unpruned model. ``kept_channels`` and
+``rounding_step`` say what a ratio keeps; ``macs_params`` counts a forward pass.
+
+The pruned-model artifact (``ModelCard``, ``save_pruned``, ``load_pruned``, the file format) lives in
+``core.artifact``; its names are still importable from here for one release (issue 14).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -20,11 +22,8 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import GeopruneError
-from .rundir import RunDir
-from .models import build_model, classifier_head
+from .models import classifier_head
 
-ARTIFACT_FORMAT = "geoprune-ray/pruned-model"
-ARTIFACT_VERSION = 1
 ROOT_TYPES = (nn.Conv2d, nn.Linear)
 
 IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
@@ -128,10 +127,11 @@ def prune_copy(model: nn.Module, ratios: Mapping[str, float] | float, input_shap
         root_module_types=list(ROOT_TYPES), in_channel_groups={}, out_channel_groups={}, num_heads={},
     )
     pruner.step()
-    return pruned, _plain_history(pruner.pruning_history())
+    return pruned, plain_history(pruner.pruning_history())
 
 
-def _plain_history(history: list) -> list:
+def plain_history(history: list) -> list:
+    """torch-pruning's pruning history as plain lists, ints, strs and bools (what ``weights_only`` loads)."""
     return [[str(name), bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in history]
 
 
@@ -144,88 +144,21 @@ def macs_params(model: nn.Module, input_shape: Sequence[int]) -> tuple[int, int]
     return int(macs), int(params)
 
 
-# ---------------------------------------------------------------- artifacts
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    """What is needed to rebuild and use a (pruned) model: architecture, input and normalisation."""
-
-    arch: str
-    num_classes: int
-    in_channels: int
-    width: float
-    input_shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    classes: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"arch": self.arch, "num_classes": self.num_classes, "in_channels": self.in_channels,
-                "width": self.width, "input_shape": list(self.input_shape), "mean": list(self.mean),
-                "std": list(self.std), "classes": list(self.classes)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelCard":
-        return cls(d["arch"], int(d["num_classes"]), int(d["in_channels"]), float(d["width"]),
-                   tuple(d["input_shape"]), tuple(d["mean"]), tuple(d["std"]), tuple(d.get("classes", ())))
-
-    def build(self) -> nn.Module:
-        return build_model(self.arch, self.num_classes, self.in_channels, self.width)
-
-
-def save_pruned(path: str | Path, model: nn.Module, history: list, card: ModelCard,
-                extra: Optional[Mapping[str, Any]] = None) -> Path:
-    """Write ``path/`` (``model.pt`` + ``model.json``) atomically: all of it or nothing."""
-    path = Path(path)
-    payload = {
-        "format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "card": card.to_dict(),
-        "pruning_history": _plain_history(history),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    macs, params = macs_params(model, card.input_shape)
-    meta = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "card": card.to_dict(),
-            "macs": macs, "params": params, "pruned_groups": len(history), **dict(extra or {})}
-    def write(staging: Path) -> None:
-        torch.save(payload, staging / "model.pt")
-        (staging / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-    RunDir(str(path.parent)).write_folder(path.name, write)
-    return path
-
-
-def load_pruned(path: str | Path, map_location: str | torch.device = "cpu",
-                base_model: Optional[nn.Module] = None) -> tuple[nn.Module, ModelCard]:
-    """Rebuild the exact pruned model from ``save_pruned``'s folder (or its ``model.pt``).
-
-    The architecture is rebuilt from the saved card, or taken from ``base_model`` (an unpruned
-    instance of the same architecture) for models that were passed in as objects.
-    """
-    path = Path(path)
-    file = path / "model.pt" if path.is_dir() else path
-    if not file.is_file():
-        raise GeopruneError(f"no pruned model at {path}", "pass the model/ folder a geoprune run wrote")
-    try:
-        payload = torch.load(file, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise GeopruneError(f"cannot load {file} safely: {str(exc).splitlines()[0]}",
-                            "pass a model.pt written by geoprune") from None
-    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
-        raise GeopruneError(f"{file} is not a geoprune pruned model", "pass a model.pt written by geoprune")
-    if payload.get("version", 0) > ARTIFACT_VERSION:
-        raise GeopruneError(f"{file} has format version {payload['version']}, newer than this geoprune reads",
-                            "upgrade geoprune-ray")
-    card = ModelCard.from_dict(payload["card"])
-    if base_model is None and not card.arch:
-        raise GeopruneError(f"{file} records no architecture name", "pass base_model= (an unpruned instance)")
-    model = replay_pruning((base_model if base_model is not None else card.build()).cpu().eval(),
-                           payload["pruning_history"], card.input_shape)
-    model.load_state_dict(payload["state_dict"])
-    return model.to(map_location), card
-
-
 def replay_pruning(model: nn.Module, history: list, input_shape: Sequence[int]) -> nn.Module:
     """Apply a recorded pruning history to an unpruned ``model`` in place (its weights are then stale)."""
     if history:
-        _dependency_graph(model, input_shape).load_pruning_history(_plain_history(history))
+        _dependency_graph(model, input_shape).load_pruning_history(plain_history(history))
     return model
+
+
+# The artifact's names, kept for one release (issue 14): they live in core.artifact, which imports this module, so they
+# are looked up on first use rather than imported here.
+_MOVED_TO_ARTIFACT = frozenset({"ARTIFACT_FORMAT", "ARTIFACT_VERSION", "ModelCard", "load_pruned", "save_pruned"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_ARTIFACT:
+        from . import artifact
+
+        return getattr(artifact, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

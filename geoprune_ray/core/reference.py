@@ -2,19 +2,19 @@
 
 train (or load) baseline → probes → τ → sensitivity → controller → prune at r* → fine-tune →
 evaluate, in one process. The Ray service distributes the same steps; this is the Python API
-users embed and the yardstick the distributed path is tested against.
+users embed and the yardstick the distributed path is tested against. ``resolve`` turns a model's and datasets'
+names into objects fitted to each other (the ``ModelCard``); ``PruneResult`` is what ``adaptive_prune`` returns.
+
+``provenance`` (now ``core.provenance``) and ``write_json`` (now ``core.rundir``) are still importable from here for
+one release (issue 14).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,9 +28,10 @@ from .geometry import Calibration, GeometryMeter
 from . import protocol
 from .method import PruneTarget, allocate, measure, probe_ratios, weighted_ratio
 from .models import build_model, default_input_size, load_weights
-from .pruning import ModelCard, dependency_groups, macs_params, save_pruned
-from .rundir import RunDir
-from .protocol import SCHEMA_VERSION
+from .artifact import ModelCard, save_pruned
+from .pruning import dependency_groups, macs_params
+from .provenance import provenance  # also importable from here, kept for one release (issue 14)
+from .rundir import write_json  # also importable from here, kept for one release (issue 14)
 from .train import evaluate, pick_device, train
 
 log = logging.getLogger("geoprune_ray")
@@ -60,33 +61,6 @@ class PruneResult:
                     extra={"top1": self.summary["pruned"]["top1"], "r_star": self.r_star})
         write_json(out / "summary.json", self.summary)
         return out
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (a reader never sees half a file): ``RunDir.write_json``."""
-    RunDir(str(Path(path).parent)).write_json(Path(path).name, data)
-
-
-def provenance(device: torch.device) -> dict[str, Any]:
-    def version(pkg: str) -> Optional[str]:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return None
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "package": version("geoprune-ray"), "torch": torch.__version__, "torch_pruning": version("torch-pruning"),
-        "ray": version("ray"), "git_commit": commit, "python": platform.python_version(),
-        "hardware": {"device": str(device), "platform": platform.platform(), "cpus": os.cpu_count(),
-                     "gpu": torch.cuda.get_device_name(device)
-                     if device.type == "cuda" and torch.cuda.is_available() else None},
-    }
 
 
 def _in_channels(model: nn.Module) -> int:

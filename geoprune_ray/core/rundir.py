@@ -4,7 +4,8 @@ writes artifacts.
 Every write goes to a temporary name and is then moved into place, so a reader (or a resumed
 driver) never sees half a file; what a library writes to a path of its own (``torch.save`` of a folder, an ONNX or
 TorchScript file) goes through ``write_file``/``write_folder``, which hand it a temporary path. Files and folders get
-the modes a plain ``open``/``mkdir`` would give under the umask. (Core: pyarrow only, no Ray.)
+the modes a plain ``open``/``mkdir`` would give under the umask. ``write_json(path, data)`` is ``RunDir.write_json``
+for one local file. (Core: pyarrow only, no Ray.)
 """
 
 from __future__ import annotations
@@ -152,6 +153,11 @@ class RunDir:
         if self.exists(name):
             self.fs.delete_dir(self.path(name))
         self.fs.move(staging, self.path(name))
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON to a local path atomically (a reader never sees half a file): ``RunDir.write_json`` of its folder."""
+    RunDir(str(Path(path).parent)).write_json(Path(path).name, data)
 
 
 def _plain(value: Any) -> Any:

@@ -27,7 +27,7 @@ from .scaling import ArmJob, Scaling
 if TYPE_CHECKING:
     import torch
 
-    from ..core.pruning import ModelCard
+    from ..core.artifact import ModelCard
 
 CHECKPOINT_FILE = "model.pt"
 # Where Ray Train keeps the list of a run's checkpoints (``ray.train.v2._internal.constants``), read by any launch under

@@ -28,10 +28,11 @@ from typing import Any, Optional
 import ray
 import torch
 
+from ..core.artifact import ModelCard
 from ..core.config import TrainConfig
 from ..core.geometry import GeometryMeter
 from ..core.protocol import ArmResume, finetune_arm
-from ..core.pruning import ModelCard, replay_pruning
+from ..core.pruning import replay_pruning
 from ..core.train import evaluate, keep_heap, train, warm_up
 from .probes import device_for
 from .progress import board_name, post
