@@ -1,4 +1,6 @@
-"""The ``geoprune`` command line. Bad input: one line on stderr, exit code 2 (``--debug``: traceback)."""
+"""The ``geoprune`` command line: one ``cmd_*`` function per subcommand, the parser (``build_parser``, one ``_add_*``
+per subcommand and per shared option block), and ``main``, which maps failures to exit codes. Bad input: one line on
+stderr, exit code 2 (``--debug``: traceback)."""
 
 from __future__ import annotations
 
@@ -234,67 +236,93 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return stop(args.address, args.job_id)
 
 
+# The parser: one function per subcommand, in the order ``geoprune --help`` lists them, and one per option block that
+# several subcommands share.
+
+_ADDRESS_HELP = ("a Ray cluster's GCS address such as 10.0.0.1:6379, or 'auto' (default: $RAY_ADDRESS, else an "
+                 "embedded local Ray). Not the dashboard URL: that is for 'geoprune submit'")
+_DATASET_HELP = "digits, fashion-mnist, cifar10, cifar100 or imagefolder:PATH"
+
+
+def _add_address(p: argparse.ArgumentParser, extra: str = "") -> None:
+    """--address of the commands that drive a pipeline from here: a GCS address."""
+    p.add_argument("--address", default=None, help=_ADDRESS_HELP + extra)
+
+
+def _add_dashboard_address(p: argparse.ArgumentParser) -> None:
+    """--address of the Jobs API commands: a dashboard URL."""
+    p.add_argument("--address", default=None, help="the Ray dashboard URL (default: $RAY_ADDRESS)")
+
+
+def _add_model_data(p: argparse.ArgumentParser, out_help: str) -> None:
+    """The in-process commands' model, dataset and output (``prune``, ``train``)."""
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True, help=_DATASET_HELP)
+    p.add_argument("--out", required=True, help=out_help)
+
+
+def _add_size(p: argparse.ArgumentParser, input_size_help: Optional[str] = None) -> None:
+    """The model's width multiplier and square input size."""
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--input-size", type=int, default=None, help=input_size_help)
+
+
+def _add_data_device(p: argparse.ArgumentParser) -> None:
+    """Where the in-process commands find their data and what they train on."""
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+
+
 def _add_step_capture(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-capture", action="store_true",
                    help="compile the training step (CUDA graphs on a GPU; off by default, see BENCHMARKS.md)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="geoprune", description="Structured pruning controlled by the geometry of classes.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result line")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="params, MACs and prunable groups of a model")
     p.add_argument("model", help="zoo name (resnet18, resnet50, mobilenet_v2, convnet), torchvision:NAME or pkg.mod:factory")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--in-channels", type=int, default=3)
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--input-size", type=int, default=None, help="square input size (default: the model's, else 32)")
+    _add_size(p, "square input size (default: the model's, else 32)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="run the adaptive method in-process and write summary.json and model/")
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", required=True, help="digits, fashion-mnist, cifar10, cifar100 or imagefolder:PATH")
-    p.add_argument("--out", required=True, help="output folder (summary.json, model/)")
+    _add_model_data(p, "output folder (summary.json, model/)")
     p.add_argument("--weights", help="a trained state_dict to start from (skips baseline training)")
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--input-size", type=int, default=None)
+    _add_size(p)
     p.add_argument("--epochs", type=int, default=None, help="baseline epochs (default 5, or 0 with --weights)")
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    _add_data_device(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method default (recorded in summary.json), e.g. --set controller=bisect")
     _add_step_capture(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_prune)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a baseline in-process and write its state_dict (a job's model.weights)",
                        description="Train a model in-process (no Ray) and save its weights for a job spec.",
                        epilog="example: geoprune train --model convnet --width 0.25 --dataset fashion-mnist "
                               "--epochs 4 --out weights/convnet.pt")
-    p.add_argument("--model", required=True)
-    p.add_argument("--dataset", required=True, help="digits, fashion-mnist, cifar10, cifar100 or imagefolder:PATH")
-    p.add_argument("--out", required=True, help="the state_dict file to write")
-    p.add_argument("--width", type=float, default=1.0)
-    p.add_argument("--input-size", type=int, default=None)
+    _add_model_data(p, "the state_dict file to write")
+    _add_size(p)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--download", action="store_true", help="let torchvision download a missing dataset")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    _add_data_device(p)
     _add_step_capture(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    address_help = ("a Ray cluster's GCS address such as 10.0.0.1:6379, or 'auto' (default: $RAY_ADDRESS, else an "
-                    "embedded local Ray). Not the dashboard URL: that is for 'geoprune submit'")
+
+def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run a job spec on Ray (embedded local Ray unless --address/RAY_ADDRESS)",
                        description="Run a job spec: baseline, probes, τ, sensitivity, controller, fine-tunes, "
                                    "report. Running again with the same --storage resumes.",
@@ -303,32 +331,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None,
                    help="the run directory: a local path or a pyarrow URI such as s3://bucket/runs/x "
                         "(default runs/NAME); running again with the same folder resumes")
-    p.add_argument("--address", default=None, help=address_help)
+    _add_address(p)
     p.set_defaults(func=cmd_run)
 
+
+def _add_resume(sub) -> None:
     p = sub.add_parser("resume", help="finish an interrupted run from its run directory",
                        epilog="example: geoprune resume runs/quickstart")
     p.add_argument("run_dir", help="the --storage folder of an earlier run")
-    p.add_argument("--address", default=None, help=address_help)
+    _add_address(p)
     p.set_defaults(func=cmd_resume)
 
+
+def _add_batch(sub) -> None:
     p = sub.add_parser("batch", help="run several job specs as concurrent pipelines on one cluster",
                        description="Run a batch spec (defaults + jobs) concurrently on one Ray cluster and write "
                                    "one combined table (batch.md, batch.parquet, plots/batch.png).",
                        epilog="example: geoprune batch jobs/paper_cifar100.yaml --storage runs/paper")
     p.add_argument("batch", help="a batch spec (YAML): name, defaults, jobs")
     p.add_argument("--storage", default=None, help="the batch folder; each job runs in STORAGE/JOB_NAME")
-    p.add_argument("--address", default=None,
-                   help=address_help + "; a dashboard URL (http://HOST:8265) submits each job through the Jobs API")
+    _add_address(p, "; a dashboard URL (http://HOST:8265) submits each job through the Jobs API")
     p.set_defaults(func=cmd_batch)
 
+
+def _add_submit(sub) -> None:
     p = sub.add_parser("submit", help="submit a job spec to a Ray cluster through the Ray Jobs API",
                        description="Submit 'geoprune run JOB' as a Ray job. --address is the dashboard URL "
                                    "(http://127.0.0.1:8265 after 'ray dashboard cluster.yaml'), not the GCS address.",
                        epilog="example: geoprune submit jobs/fashion_resnet18.yaml --address http://127.0.0.1:8265 "
                               "--storage s3://bucket/runs/fashion --follow")
     p.add_argument("job", help="a job spec (YAML)")
-    p.add_argument("--address", default=None, help="the Ray dashboard URL (default: $RAY_ADDRESS)")
+    _add_dashboard_address(p)
     p.add_argument("--storage", default=None,
                    help="the run directory as the cluster sees it: shared storage such as s3://bucket/runs/NAME "
                         "(default: ~/geoprune-runs/NAME on the node that runs the job)")
@@ -337,21 +370,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     p.set_defaults(func=cmd_submit)
 
+
+def _add_status_stop(sub) -> None:
     p = sub.add_parser("status", help="status of submitted jobs (all, or one)")
     p.add_argument("job_id", nargs="?", help="a job id printed by 'geoprune submit'")
-    p.add_argument("--address", default=None, help="the Ray dashboard URL (default: $RAY_ADDRESS)")
+    _add_dashboard_address(p)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("stop", help="stop a submitted job")
     p.add_argument("job_id")
-    p.add_argument("--address", default=None, help="the Ray dashboard URL (default: $RAY_ADDRESS)")
+    _add_dashboard_address(p)
     p.set_defaults(func=cmd_stop)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="render report.md and plots from a run (or batch) directory",
                        epilog="example: geoprune report runs/quickstart")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
+
+def _add_evidence(sub) -> None:
     p = sub.add_parser("evidence", help="the evidence table (arms over seeds) from finished runs or their JSON",
                        description="From a batch (or run) folder: write one JSON per run and evidence.md, "
                                    "mean ± std over seeds. From a folder of those JSON files: re-render evidence.md.",
@@ -361,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "or SOURCE itself for JSON)")
     p.set_defaults(func=cmd_evidence)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="measure training throughput, the data path, probe steps and the probe pool",
                        epilog="example: geoprune bench --quick --output runs/bench")
     p.add_argument("--output", required=True, help="folder for bench.json and bench.md")
@@ -372,12 +413,27 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "alternating which goes first (default 2)")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a run's pruned model, checked against PyTorch's outputs",
                        epilog="example: geoprune export runs/quickstart --format onnx")
     p.add_argument("run_dir")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript", "state"])
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/export)")
     p.set_defaults(func=cmd_export)
+
+
+_SUBCOMMANDS = (_add_inspect, _add_prune, _add_train, _add_run, _add_resume, _add_batch, _add_submit, _add_status_stop,
+                _add_report, _add_evidence, _add_bench, _add_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="geoprune", description="Structured pruning controlled by the geometry of classes.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the result line")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in _SUBCOMMANDS:
+        add(sub)
     return parser
 
 
