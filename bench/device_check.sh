@@ -6,13 +6,16 @@
 # 2. issue 12's targets: `geoprune bench --job` of the full-width ResNet-18 on 20,000 Fashion-MNIST
 #    images (10 + 5 epochs): the Ray wall (adaptive arm only) against the same spec in one process
 #    (distribution overhead; one pair, to fit the device time), all four arms against adaptive only, GPU busy,
-#    the stage time line.
+#    where it ran (the probe actors' GPU ids, the fine-tune's device), the stage time line.
 #    With "quick" as the argument it runs `geoprune bench --device cuda` instead of 2: among its figures the
 #    project's loop against the plain loop at batch 256 and 512 and step capture against the plain loop
 #    (issue 12's ≥ 0.95 and ≥ 1.3 targets; `training_resnet18` in bench.json).
+# 1 and 2 cover what the former bench/gpu_core.py and bench/gpu_pipeline.py measured (issue 14): ΔG on CUDA
+# against the CPU, the core on CUDA (`bench --job`'s one-process side, adaptive_prune) and the Ray pipeline's
+# GPU placement and stage times (its Ray side).
 #
 # Prepare here:  bash ../shared/device/make-wheels.sh                      (writes .whl/, git-ignored)
-#                python bench/fashion_subset.py 20000 .data/fashion-20k     (13 MB, git-ignored)
+#                python -m geoprune_ray.bench.fashion_subset 20000 .data/fashion-20k   (13 MB, git-ignored)
 # Then one device call, carry [".whl", ".data/fashion-20k"], timeout_s ~420:
 #   bash bench/device_check.sh
 # Status (issue 12): not yet run on a GPU (no session of it was lent one).
@@ -26,7 +29,7 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | te
 if [ "${1:-}" = quick ]; then
   timeout 230 python3 -m geoprune_ray.app.cli bench --output "$OUT/bench" --device cuda 2>&1 | tee "$OUT/bench.log" | tail -40
 else
-  [ -d .data/fashion-20k ] || { echo "no .data/fashion-20k: run bench/fashion_subset.py and carry it"; exit 1; }
+  [ -d .data/fashion-20k ] || { echo "no .data/fashion-20k: run python -m geoprune_ray.bench.fashion_subset and carry it"; exit 1; }
   timeout 420 python3 -m geoprune_ray.app.cli bench --job jobs/gpu_fashion_resnet18_20k.yaml --pairs 1 --output "$OUT/job" 2>&1 \
     | tee "$OUT/job.log" | grep -v "probes: " | tail -60
 fi

@@ -7,6 +7,11 @@ ceiling (``pool``); the cost of one Ray Train launch and a reduced pipeline's wa
 with its search overhead, inference speed and peak memory (``pipeline``). ``--job`` runs one job
 spec instead: through Ray with the comparison arms off, against the same spec in one process (the
 distribution overhead), then with every arm it names.
+
+Run on their own (``python -m geoprune_ray.bench.NAME``), the scripts behind other figures of BENCHMARKS.md §4:
+``cpu_accounting`` (the CPU time of every process while a command runs), ``idle_actors`` (what idle Ray actors cost
+a training process), ``worker_niceness`` (what Ray's worker niceness costs it); and ``fashion_subset``, which writes
+the Fashion-MNIST subset that ``bench/device_check.sh`` carries to the GPU machine.
 """
 
 from __future__ import annotations
@@ -133,6 +138,10 @@ def markdown(result: dict[str, Any]) -> str:
                   f" | {pl['peak_pss_gib']:.2f} |"]
         if pl.get("gpu_busy") is not None:
             lines.append(f"| GPU busy over the run (NVML, 3 s samples) | {pl['gpu_busy']:.0%} |")
+        if pl.get("train_device"):
+            gpu_ids = "; ".join(pl["resources"]["actor_gpu_ids"]) or "none"
+            lines.append(f"| where it ran: the probe actors' GPU ids / the adaptive fine-tune's device | "
+                         f"{gpu_ids} / {pl['train_device']} |")
         speed, kept = pl.get("speed") or {}, pl.get("macs_ratio")
         if kept:
             lines.append(f"| pruned model's MACs kept (its MACs reduction) | {kept:.3f} ({1 / kept:.2f}×) |")

@@ -1,7 +1,8 @@
 """Pipeline-level figures: the cost of one Ray Train launch, the pipeline's wall time by stage, its
 search overhead against the final fine-tune, the peak memory of all its processes (and, on a GPU,
-the GPU's busy fraction), and the distribution overhead: the pipeline's wall time against the
-same spec run in one process (``core.reference.adaptive_prune``), measured in the same bench run."""
+the GPU's busy fraction), where it ran (the probe actors' GPU ids, the fine-tune's device), and the
+distribution overhead: the pipeline's wall time against the same spec run in one process
+(``core.reference.adaptive_prune``), measured in the same bench run."""
 
 from __future__ import annotations
 
@@ -168,7 +169,8 @@ def adaptive_only(job: dict[str, Any]) -> dict[str, Any]:
 
 def pipeline_split(job: dict[str, Any], memory: bool = True) -> dict[str, Any]:
     """Run ``job`` (in this process, on the connected Ray): wall time by stage, the search overhead
-    (probes + sensitivity + controller steps) as a fraction of the final fine-tune, and (``memory``) peak memory."""
+    (probes + sensitivity + controller steps) as a fraction of the final fine-tune, (``memory``) peak memory, and where
+    it ran: the resources it was given (the probe actors' GPU ids among them) and the adaptive fine-tune's device."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="geoprune-bench-") as storage, PeakMemory(pss=memory) as sampler:
         summary = run_job(JobSpec.from_dict(job), str(Path(storage) / "run"), report=render_report)  # as `run` does
@@ -180,7 +182,8 @@ def pipeline_split(job: dict[str, Any], memory: bool = True) -> dict[str, Any]:
             "peak_pss_gib": sampler.peak / 2**30 if memory else None, "gpu_busy": sampler.gpu_busy, "r_star": summary["controller"]["r_star"],
             "tau": summary["tau"], "baseline_top1": summary["baseline"]["top1"], "top1": summary["pruned"]["top1"],
             "macs_ratio": summary["pruned"]["macs_ratio"], "speed": summary.get("speed"),
-            "timeline": summary.get("timeline")}
+            "timeline": summary.get("timeline"), "resources": summary["resources"],
+            "train_device": summary["provenance"]["hardware"]["device"]}
 
 
 def in_process(job: dict[str, Any]) -> dict[str, Any]:
@@ -198,7 +201,8 @@ def in_process(job: dict[str, Any]) -> dict[str, Any]:
     s = result.summary
     return {"wall_s": time.perf_counter() - started, "threads": torch.get_num_threads(), "timings_s": s["timings_s"],
             "r_star": s["controller"]["r_star"], "tau": s["tau"], "baseline_top1": s["baseline"]["top1"],
-            "top1": s["pruned"]["top1"], "macs_ratio": s["pruned"]["macs_ratio"]}
+            "top1": s["pruned"]["top1"], "macs_ratio": s["pruned"]["macs_ratio"],
+            "device": s["provenance"]["hardware"]["device"]}
 
 
 def job_bench(job: dict[str, Any], ray_startup_s: float, pairs: int = 1) -> dict[str, Any]:

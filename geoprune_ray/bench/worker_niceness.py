@@ -9,8 +9,8 @@ embedded Ray started with Ray's default niceness and once with ``RAY_worker_nice
 and reports the actor's epoch over the driver's. (Tried for issue 12, not adopted: no difference on an idle 2-core
 machine, nor in the pipeline's epochs.)
 
-    python bench/worker_niceness.py                  # 3 rounds: default, 0, default, 0, ...
-    python bench/worker_niceness.py --rounds 2 --json out.json
+    python -m geoprune_ray.bench.worker_niceness                # 3 rounds: default, 0, default, 0, ...
+    python -m geoprune_ray.bench.worker_niceness --rounds 2 --json out.json
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main() -> None:
             env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness"}
             if setting != "default":
                 env["RAY_worker_niceness"] = setting
-            out = subprocess.run([sys.executable, __file__, CHILD], env=env, capture_output=True, text=True,
+            out = subprocess.run([sys.executable, "-m", __spec__.name, CHILD], env=env, capture_output=True, text=True,
                                  check=True).stdout
             run = json.loads(out.strip().splitlines()[-1])
             runs[setting].append(run)

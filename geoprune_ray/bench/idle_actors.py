@@ -3,8 +3,8 @@ and with N actors parked (blocked inside a call, as the pipeline's probe actors 
 (BENCHMARKS.md §4). An idle Ray actor wakes its main thread about 100 times a second, a parked one about once; with as
 many training threads as cores, each wake-up can stall an OpenMP barrier.
 
-    python bench/idle_actors.py                 # 8 idle actors, 4 rounds of 60 steps each way, 2 threads
-    python bench/idle_actors.py --actors 4 --rounds 6
+    python -m geoprune_ray.bench.idle_actors               # 8 idle actors, 4 rounds of 60 steps each way, 2 threads
+    python -m geoprune_ray.bench.idle_actors --actors 4 --rounds 6
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """CPU time of every process on the machine while a command runs, by process name (Linux /proc).
 
-    python bench/cpu_accounting.py -- geoprune run JOB.yaml --storage DIR        # CPU-seconds over the whole run
-    python bench/cpu_accounting.py --when "stage finetune" --window 15 -- geoprune run JOB.yaml --storage DIR
-                                                # CPU % and context switches per second over 15 s, from the moment
-                                                # the command's output first shows the text
+    python -m geoprune_ray.bench.cpu_accounting -- geoprune run JOB.yaml --storage DIR
+        # CPU-seconds over the whole run
+    python -m geoprune_ray.bench.cpu_accounting --when "stage finetune" --window 15 -- geoprune run JOB.yaml --storage DIR
+        # CPU % and context switches per second over 15 s, from the moment the command's output first shows the text
 
 Used for BENCHMARKS.md §4 (the Ray path against one process on 2 cores). Processes are sampled every 0.25 s; a
 process that lives less than that is missed, and one that ends between samples loses its last quarter second.

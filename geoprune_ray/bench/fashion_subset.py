@@ -1,7 +1,7 @@
 """Write the first N Fashion-MNIST training images (and the whole test split) as IDX .gz files: a subset small enough
 to travel with Ray's wheels in one device call (20,000 images: 8.8 MB + 4.4 MB).
 
-    python bench/fashion_subset.py 20000 .data/fashion-20k
+    python -m geoprune_ray.bench.fashion_subset 20000 .data/fashion-20k
 """
 
 from __future__ import annotations
