@@ -17,11 +17,11 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from .core.arms import arm_names
 from .core.rundir import RunDir
 from .errors import GeopruneError
 
 EVIDENCE_VERSION = 1
-ARM_ORDER = ("baseline", "gc", "adaptive", "uniform")
 
 
 def collect(location: str | Path) -> dict[str, Any]:
@@ -137,7 +137,7 @@ def render(records: Sequence[dict[str, Any]]) -> str:
              "| arm | r | MACs (M) | MACs kept | params (M) | ΔG before fine-tune | top-1 before fine-tune (%) | "
              "top-1 after fine-tune (%) |",
              "|---|---|---|---|---|---|---|---|"]
-    for name in ARM_ORDER:
+    for name in arm_names():
         rows = [(a, r) for a, r in ((_arm(r, name), r) for r in records) if a is not None]
         if not rows:
             continue

@@ -17,12 +17,11 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .core.protocol import ARM_LABELS  # noqa: E402
+from .core import arms as arm_registry  # noqa: E402
 from .core.rundir import RunDir  # noqa: E402
 from .errors import GeopruneError  # noqa: E402
 
 PLOTS = ("probes", "probe_accuracy", "trajectory", "groups", "accuracy_macs", "speed", "timeline")
-ARM_COLORS = {"baseline": "tab:gray", "gc": "tab:orange", "adaptive": "tab:blue", "uniform": "tab:green"}
 
 
 def _nothing_removed(count: Optional[int]) -> str:
@@ -116,11 +115,11 @@ def plot_accuracy_macs(finetuned: Sequence[dict]) -> Figure:
     for t in finetuned:
         by_label.setdefault(t.get("arm") or "step", []).append(t)
     for i, (label, rows) in enumerate(by_label.items()):
-        name = ARM_LABELS.get(label, "accepted step (fine-tuned)")
+        name = arm_registry.label(label, "accepted step (fine-tuned)")
         ax.scatter([t["macs"] / 1e6 for t in rows], [t["top1"] for t in rows], s=50, zorder=3, alpha=0.8,
-                   color=ARM_COLORS.get(label, "tab:purple"), label=name)
+                   color=arm_registry.color(label, "tab:purple"), label=name)
         for t in rows:  # named in place: arms at the same point (GC at r = 0 and Baseline) stay visible
-            ax.annotate(name if label in ARM_LABELS else f"r={t['r']:.3f}", (t["macs"] / 1e6, t["top1"]),
+            ax.annotate(name if label in arm_registry.ARMS else f"r={t['r']:.3f}", (t["macs"] / 1e6, t["top1"]),
                         xytext=(6, 4 + 9 * (i % 3)), textcoords="offset points", fontsize=7)
     ax.set(xlabel="MACs (M)", ylabel="top-1 after fine-tuning (%)", title="Accuracy vs compute")
     ax.legend(fontsize=8)
@@ -159,7 +158,7 @@ def plot_timeline(timeline: Sequence[dict]) -> Figure:
     for item in timeline:
         y = rows.index(_timeline_row(item["stage"]))
         arm = item["stage"].removeprefix("fine-tune ")
-        color = ARM_COLORS.get(arm, "tab:purple" if item["stage"].startswith("step ") else "tab:cyan")
+        color = arm_registry.color(arm, "tab:purple" if item["stage"].startswith("step ") else "tab:cyan")
         ax.barh(y, max(item["end"] - item["start"], 0.05), left=item["start"], color=color, height=0.6)
     ax.set_yticks(range(len(rows)), rows)
     ax.invert_yaxis()
@@ -322,7 +321,7 @@ def plot_batch(rows: Sequence[dict]) -> Figure:
     fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.8), squeeze=False)
     for ax, name in zip(axes[0], runs):
         for r in (r for r in rows if r["run"] == name):
-            ax.scatter([r["macs_ratio"]], [r["top1"]], s=50, color=ARM_COLORS.get(r["arm"], "tab:purple"),
+            ax.scatter([r["macs_ratio"]], [r["top1"]], s=50, color=arm_registry.color(r["arm"], "tab:purple"),
                        label=r["method"], zorder=3)
         ax.set(title=name, xlabel="MACs kept (fraction of baseline)", ylabel="top-1 (%)")
         ax.grid(alpha=0.3)

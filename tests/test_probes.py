@@ -14,7 +14,7 @@ from geoprune_ray.core.geometry import Calibration, GeometryMeter
 from geoprune_ray.core.method import PruneTarget, measure, probe_ratios
 from geoprune_ray.core.pruning import dependency_groups
 from geoprune_ray.distributed.holder import share
-from geoprune_ray.distributed.pipeline import actor_restarts
+from geoprune_ray.distributed.probes import actor_restarts
 from geoprune_ray.distributed.probes import PoolSpec, ProbePool
 from geoprune_ray.distributed.sensitivity import run_sensitivity
 from geoprune_ray.errors import GeopruneError

@@ -3,7 +3,7 @@
 import pytest
 
 from geoprune_ray.core.spec import ResourceSpec
-from geoprune_ray.distributed.pipeline import baseline_scaling, gpu_shares, sensitivity_tasks
+from geoprune_ray.distributed.resources import baseline_scaling, gpu_shares, sensitivity_tasks
 from geoprune_ray.distributed.scaling import Scaling
 from geoprune_ray.errors import GeopruneError
 
@@ -52,7 +52,7 @@ def test_sensitivity_tasks_fit_the_cores_the_actors_leave():
 
 
 def test_early_fine_tunes_fit_beside_the_actors_and_leave_the_steps_room():
-    from geoprune_ray.distributed.pipeline import Resources, prelaunch
+    from geoprune_ray.distributed.resources import Resources, prelaunch
     from geoprune_ray.distributed.probes import PoolSpec
 
     cpu = Scaling(1, False, 0.5)

@@ -489,11 +489,11 @@ def _stderr(line: str) -> None:
 def _shutdown_embedded_ray() -> None:
     """Stop the Ray this command embedded (its processes with it), now rather than in an exit hook. A signal during
     the shutdown exits at once (``guard``); the watchdog then ends what is left."""
-    pipeline = sys.modules.get("geoprune_ray.distributed.pipeline")  # only a command that imported it embeds a Ray
-    if pipeline is None:
+    cluster = sys.modules.get("geoprune_ray.distributed.cluster")  # only a command that imported it embeds a Ray
+    if cluster is None:
         return
     try:
-        pipeline.disconnect()
+        cluster.disconnect()
     except KeyboardInterrupt:
         pass
 

@@ -26,7 +26,7 @@ def run_bench(output: str, quick: bool, device: Optional[str] = None, job: Optio
               pairs: int = 1) -> dict[str, Any]:
     """The whole bench; with ``job`` (a job-spec path) only that job's pipeline, comparison arms off, against the same
     spec in one process (``pairs`` times each side, see ``job_bench``)."""
-    from ..distributed.pipeline import connect
+    from ..distributed.cluster import connect
 
     if job is not None:
         from ..core.spec import load_spec

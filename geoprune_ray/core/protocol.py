@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
@@ -21,20 +22,17 @@ from .artifact import ModelCard
 from .config import MethodConfig, TrainConfig
 from .data import Dataset
 from .geometry import GeometryMeter
-from .method import (GC_BUDGET, GC_GRID, Controller, PruneTarget, allocate, gc_ratio, initial_ratio, layer_budgets,
-                     match_macs, tau, weighted_ratio)
+from . import arms as arm_registry
+from .arms import ArmPlan, MeasureMany, Settling
+from .method import Controller, PruneTarget, allocate, initial_ratio, layer_budgets, tau, weighted_ratio
 from .pruning import macs_params, prune_copy
 from .train import evaluate, train
 
 log = logging.getLogger("geoprune_ray")
 SCHEMA_VERSION = 1
-ARMS = ("adaptive", "baseline", "gc", "uniform")
-ARM_LABELS = {"adaptive": "Adaptive GC", "baseline": "Baseline", "gc": f"GC (τ = {GC_BUDGET:g})",
-              "uniform": "Uniform L2"}
-
-# ``measure_many(list of ratios, size_only=False) → list of {"delta_g", "macs", "params", ...}`` (only MACs and
-# params with ``size_only``): how a path measures pruned copies of the base model
-MeasureMany = Callable[..., list[dict[str, Any]]]
+# Imported from here before issue 14; kept for one release (the arms live in ``core.arms``).
+ARMS = arm_registry.default_arms()
+ARM_LABELS = {name: arm.label for name, arm in arm_registry.ARMS.items()}
 
 
 # ---------------------------------------------------------------- search: τ, τ_L, the controller
@@ -43,6 +41,14 @@ MeasureMany = Callable[..., list[dict[str, Any]]]
 def probe_rows(ratios: Sequence[float], records: Sequence[Mapping[str, Any]], seed: int) -> list[dict[str, Any]]:
     """One row per probe (METHOD.md §4): its ratio, seed and what was measured, with how many channels it removed."""
     return [{"probe": m, "ratio": r, "seed": seed, **rec} for m, (r, rec) in enumerate(zip(ratios, records))]
+
+
+def spearman(x: list[float], y: list[float]) -> Optional[float]:
+    """Spearman's rank correlation (ties get average ranks); None when either side is constant."""
+    import pandas as pd
+
+    rho = pd.Series(x, dtype=float).corr(pd.Series(y, dtype=float), method="spearman")
+    return None if math.isnan(rho) else float(rho)
 
 
 def removed_nothing(probes: Sequence[Mapping[str, Any]], base_macs: int) -> int:
@@ -75,6 +81,22 @@ def new_controller(cfg: MethodConfig, probes: Sequence[Mapping[str, Any]], budge
     return Controller(budget, r0, cfg.r_max, cfg.delta, cfg.gamma, cfg.controller, cfg.t_max, cfg.bisect_min_delta)
 
 
+def replay_controller(ctl: Controller, steps: list[dict[str, Any]], complete: bool = True) -> Controller:
+    """The controller's trajectory, re-derived from the step trials (deterministic given their ΔG). A step without
+    a trial counts as failed; with ``complete=False`` the replay stops there instead (an interrupted experiment)."""
+    by_step: dict[int, dict] = {}
+    for row in steps:
+        if row.get("delta_g") is not None and not (isinstance(row["delta_g"], float) and math.isnan(row["delta_g"])):
+            by_step.setdefault(int(row["step"]), row)
+    while ctl.propose() is not None:
+        row = by_step.get(len(ctl.steps))
+        if row is None and not complete:
+            break
+        ctl.observe(row["delta_g"] if row else math.inf, log_step=False, macs=row and row["macs"],
+                    params=row and row["params"], trial_id=row and row["trial_id"], failed=row is None)
+    return ctl
+
+
 def r_star_of(ctl: Controller) -> float:
     """r* of a stopped controller; warns when no step stayed within τ."""
     if ctl.r_star == 0.0:
@@ -96,27 +118,6 @@ def controller_record(ctl: Controller, cfg: MethodConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------- arms: every arm's ratios, from training data
 
 
-@dataclass
-class ArmPlan:
-    """How an arm prunes, settled before any fine-tune starts (its ΔG and size measured on the base)."""
-
-    arm: str
-    r: float  # the arm's global ratio (r* for Adaptive GC, the uniform ratio otherwise)
-    ratios: Any  # per-group dict, or one float for every group
-    delta_g: float
-    macs: int
-    params: int
-    budget: Optional[float] = None
-    match: Optional[dict[str, Any]] = None  # Uniform L2: the MACs match (gap, adjusted groups)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ArmPlan":
-        return cls(**data)
-
-
 def step_at(ctl: Controller, r: float) -> Optional[dict[str, Any]]:
     """The controller's measured step at ratio ``r`` with its ΔG, MACs and params, if it has one: it pruned the base
     with ``allocate(r, …)``, the same allocation as the final ratios at r* (``final_ratios``)."""
@@ -129,39 +130,21 @@ def step_at(ctl: Controller, r: float) -> Optional[dict[str, Any]]:
 def settle_arms(arms: Sequence[str], r_star: float, adaptive: Mapping[str, float], budget: float,
                 channels: Mapping[str, int], cfg: MethodConfig, measure_many: MeasureMany,
                 base_macs: int, base_params: int, at_r_star: Optional[Mapping[str, Any]] = None) -> dict[str, ArmPlan]:
-    """Every arm's pruning (METHOD.md §7): Adaptive GC at r*; GC the largest grid ratio within τ = 0.07; Uniform L2
-    one ratio moved to within ±1% of Adaptive GC's MACs; Baseline unpruned. ``at_r_star``: the controller's step at
-    r* (``step_at``), which measured Adaptive GC's allocation already: it is not measured again."""
-    plans: dict[str, ArmPlan] = {}
-    (rec,) = [at_r_star] if at_r_star is not None and adaptive else measure_many([adaptive or 0.0])
-    plans["adaptive"] = ArmPlan("adaptive", r_star, dict(adaptive), rec["delta_g"], rec["macs"], rec["params"], budget)
-    if "baseline" in arms:
-        plans["baseline"] = ArmPlan("baseline", 0.0, 0.0, 0.0, base_macs, base_params)
-    if "gc" in arms:
-        grid = [float(g) for g in GC_GRID if g <= cfg.r_max]
-        recs = measure_many(grid)
-        r = gc_ratio({g: rec["delta_g"] for g, rec in zip(grid, recs)})
-        rec = recs[grid.index(r)] if r else {"delta_g": 0.0, "macs": base_macs, "params": base_params}
-        plans["gc"] = ArmPlan("gc", r, r, rec["delta_g"], rec["macs"], rec["params"], GC_BUDGET)
-    if "uniform" in arms:
-        plans["uniform"] = _uniform(plans["adaptive"], channels, cfg, measure_many, base_macs, base_params)
+    """Every arm's pruning (METHOD.md §7), each chosen by its entry in ``core.arms``: Adaptive GC first (its
+    allocation at r*), then the others in the table's order. ``at_r_star``: the controller's step at r*
+    (``step_at``), which measured Adaptive GC's allocation already: it is not measured again."""
+    s = Settling(r_star, adaptive, budget, channels, cfg, measure_many, base_macs, base_params, at_r_star)
+    plans = {arm_registry.ADAPTIVE: arm_registry.ARMS[arm_registry.ADAPTIVE].choose(s)}
+    s = replace(s, adaptive=plans[arm_registry.ADAPTIVE])
+    for name, arm in arm_registry.ARMS.items():
+        if name in arms and name not in plans:
+            plans[name] = arm.choose(s)
     return {arm: plans[arm] for arm in arms}
 
 
-def _uniform(adaptive: ArmPlan, channels: Mapping[str, int], cfg: MethodConfig, measure_many: MeasureMany,
-             base_macs: int, base_params: int) -> ArmPlan:
-    if adaptive.macs >= base_macs:
-        return ArmPlan("uniform", 0.0, 0.0, 0.0, base_macs, base_params, match={"gap": 0.0, "adjusted": {}})
-    def macs_of(ratios: Mapping[str, float] | float) -> float:
-        return measure_many([ratios], size_only=True)[0]["macs"]
-
-    m = match_macs(adaptive.macs, macs_of, channels, cfg.r_max, round_to=cfg.round_to)
-    if not m.within:
-        log.warning("Uniform L2 reached %+.2f%% of Adaptive GC's MACs, not ±1%%: integer channel counts allow no "
-                    "closer match (recorded in the arms table)", 100 * m.gap)
-    (rec,) = measure_many([m.ratios])
-    return ArmPlan("uniform", m.ratio, m.ratios, rec["delta_g"], rec["macs"], rec["params"],
-                   match={"gap": m.gap, "adjusted": m.adjusted, "within": m.within, "macs_target": adaptive.macs})
+def timed_plan(plans: Mapping[str, ArmPlan]) -> ArmPlan:
+    """The plan whose architecture is timed against the base (``core.arms``: the arm registered ``timed``)."""
+    return next(plan for name, plan in plans.items() if arm_registry.ARMS[name].timed)
 
 
 # ---------------------------------------------------------------- fine-tune one arm
@@ -232,7 +215,7 @@ def finetune_arm(base: nn.Module, ratios: Mapping[str, float] | float, meter: Ge
 
 def arm_row(plan: ArmPlan, result: Mapping[str, Any]) -> dict[str, Any]:
     """One row of the paper's table (Method | Top-1 | Params | MACs | ΔG), with what the arm was given."""
-    row = {"method": ARM_LABELS[plan.arm], "arm": plan.arm, "r": plan.r, "top1": result["top1"],
+    row = {"method": arm_registry.ARMS[plan.arm].label, "arm": plan.arm, "r": plan.r, "top1": result["top1"],
            "top1_before_finetune": result["top1_before_finetune"], "params_m": result["params"] / 1e6,
            "macs_m": result["macs"] / 1e6, "delta_g": result["delta_g"], "delta_g_after": result["delta_g_after"],
            "budget": plan.budget}

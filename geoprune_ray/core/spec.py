@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .config import MethodConfig, Seed, Spec, TrainConfig, finetune_defaults
-from .protocol import ARMS
+from .arms import ADAPTIVE, ARMS, default_arms
 from ..errors import GeopruneError
 
 _EPS = 1e-9  # Ray keeps resource quantities to 1e-4: a request equal to the cluster fits
@@ -64,7 +64,7 @@ class ProtocolSpec(_Part):
     finetune_epochs: int = Field(3, ge=0)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(0.2, gt=0)  # baseline peak learning rate; fine-tuning uses a tenth of it
-    arms: tuple[str, ...] = ARMS
+    arms: tuple[str, ...] = default_arms()
     finetune_all: bool = False  # also fine-tune every accepted controller candidate
     probe_accuracy: bool = False  # also measure each probe's top-1 on the test split (Spearman(ΔG, drop))
     step_capture: bool = False  # compile the training step (CUDA graphs on a GPU): TrainConfig.capture
@@ -80,9 +80,9 @@ class ProtocolSpec(_Part):
         for arm in arms:
             if arm not in ARMS:
                 raise PydanticCustomError("spec_rule", "{message}", {"message": f"unknown arm {arm!r}",
-                                                                     "hint": f"use some of {', '.join(ARMS)}"})
-        if "adaptive" not in arms:
-            raise PydanticCustomError("spec_rule", "{message}", {"message": "must include 'adaptive'",
+                                                                     "hint": f"use some of {', '.join(default_arms())}"})
+        if ADAPTIVE not in arms:
+            raise PydanticCustomError("spec_rule", "{message}", {"message": f"must include {ADAPTIVE!r}",
                                                                  "hint": "the adaptive arm is the method itself"})
         return arms
 

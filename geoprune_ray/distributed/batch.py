@@ -43,7 +43,8 @@ def run_batch(batch: BatchSpec, storage: str, address: Optional[str] = None,
     given, renders the combined table of the jobs that finished (the CLI passes ``report.render_batch``)."""
     import ray
 
-    from .pipeline import Pipeline, connect, embedded_size
+    from .cluster import connect, embedded_size
+    from .pipeline import Pipeline
 
     out = RunDir(storage)
     for spec in batch.jobs:  # a folder holding another job's run fails now, not after minutes

@@ -251,3 +251,8 @@ def spread(calls: int, actors: int) -> list[int]:
     """The actor of each call, in a snake order (0, 1, …, n−1, n−1, …, 0, 0, 1, …): probes come sorted by
     ratio and cost falls with the ratio, so each actor gets as many cheap calls as dear ones."""
     return [(i % actors) if (i // actors) % 2 == 0 else actors - 1 - (i % actors) for i in range(calls)]
+
+
+def actor_restarts(rows: list[dict[str, Any]]) -> int:
+    """How many times a probe actor restarted: the restarted processes (actor, pid) that answered, not their rows."""
+    return len({(row["actor"], row["pid"]) for row in rows if row["restarted"]})

@@ -1,0 +1,154 @@
+"""The comparison's arms (METHOD.md §7), one registry: an arm is one decorated function in this file.
+
+Each ``@register_arm`` function chooses its arm's pruning once the controller has stopped (from training data only:
+the run's τ, r*, Adaptive GC's allocation and measurements of pruned copies of the base) and returns an ``ArmPlan``.
+The registration carries the rest of what the arm is: its label in tables and plots, its colour, its fixed budget
+(GC's τ = 0.07; Adaptive GC's is the run's τ), and whether its architecture is timed for the speed table. The
+registry's order is the order of the paper's table; a job runs the arms its spec names (``default_arms()`` when it
+names none), Adaptive GC first. ``core.protocol.settle_arms`` settles them; the report, the evidence table, the
+summary's arms rows and the job spec's check all read the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Optional
+
+from .config import MethodConfig
+from .method import GC_BUDGET, GC_GRID, gc_ratio, match_macs
+
+log = logging.getLogger("geoprune_ray")
+
+# ``measure_many(list of ratios, size_only=False) → list of {"delta_g", "macs", "params", ...}`` (only MACs and
+# params with ``size_only``): how a path measures pruned copies of the base model
+MeasureMany = Callable[..., list[dict[str, Any]]]
+
+
+@dataclass
+class ArmPlan:
+    """How an arm prunes, settled before any fine-tune starts (its ΔG and size measured on the base)."""
+
+    arm: str
+    r: float  # the arm's global ratio (r* for Adaptive GC, the uniform ratio otherwise)
+    ratios: Any  # per-group dict, or one float for every group
+    delta_g: float
+    macs: int
+    params: int
+    budget: Optional[float] = None
+    match: Optional[dict[str, Any]] = None  # Uniform L2: the MACs match (gap, adjusted groups)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ArmPlan":
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Settling:
+    """What an arm's choice may use: the method's decisions, the base's size, a way to measure pruned copies, and
+    Adaptive GC's plan (settled first)."""
+
+    r_star: float
+    adaptive_ratios: Mapping[str, float]  # Adaptive GC's per-group ratios at r* (empty: nothing pruned)
+    budget: float  # τ
+    channels: Mapping[str, int]
+    cfg: MethodConfig
+    measure_many: MeasureMany
+    base_macs: int
+    base_params: int
+    at_r_star: Optional[Mapping[str, Any]] = None  # the controller's measured step at r* (``protocol.step_at``)
+    adaptive: Optional[ArmPlan] = None
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    label: str  # in every table and plot
+    color: str  # matplotlib colour in the plots
+    choose: Callable[[Settling], ArmPlan]
+    budget: Optional[float] = None  # a fixed ΔG budget; None: the run's τ (Adaptive GC) or no budget
+    timed: bool = False  # its architecture is timed against the base (``summary["speed"]``)
+
+
+ARMS: dict[str, Arm] = {}
+ADAPTIVE = "adaptive"  # the method itself: every job runs it, and the others are settled after it
+
+
+def register_arm(name: str, label: str, color: str, budget: Optional[float] = None, timed: bool = False):
+    """Register an arm's ``choose(Settling) → ArmPlan`` under ``name`` (the name job specs and tables use)."""
+
+    def deco(choose: Callable[[Settling], ArmPlan]) -> Callable[[Settling], ArmPlan]:
+        ARMS[name] = Arm(name, label, color, choose, budget, timed)
+        return choose
+
+    return deco
+
+
+def arm_names() -> tuple[str, ...]:
+    """Every registered arm, in the table's order."""
+    return tuple(ARMS)
+
+
+def default_arms() -> tuple[str, ...]:
+    """What a job runs when its spec names no arms: every arm, Adaptive GC first (fine-tunes start in this order)."""
+    return (ADAPTIVE, *(name for name in ARMS if name != ADAPTIVE))
+
+
+def label(name: str, default: Optional[str] = None) -> Optional[str]:
+    return ARMS[name].label if name in ARMS else default
+
+
+def color(name: str, default: str) -> str:
+    return ARMS[name].color if name in ARMS else default
+
+
+# ---------------------------------------------------------------- the arms, in the table's order
+
+
+@register_arm("baseline", "Baseline", "tab:gray")
+def _baseline(s: Settling) -> ArmPlan:
+    """Unpruned: the base model given the same fine-tune as every arm."""
+    return ArmPlan("baseline", 0.0, 0.0, 0.0, s.base_macs, s.base_params)
+
+
+@register_arm("gc", f"GC (τ = {GC_BUDGET:g})", "tab:orange", budget=GC_BUDGET)
+def _gc(s: Settling) -> ArmPlan:
+    """The paper's fixed-budget arm: the largest grid ratio whose uniform pruning keeps ΔG within τ = 0.07."""
+    grid = [float(g) for g in GC_GRID if g <= s.cfg.r_max]
+    recs = s.measure_many(grid)
+    r = gc_ratio({g: rec["delta_g"] for g, rec in zip(grid, recs)}, GC_BUDGET)
+    rec = recs[grid.index(r)] if r else {"delta_g": 0.0, "macs": s.base_macs, "params": s.base_params}
+    return ArmPlan("gc", r, r, rec["delta_g"], rec["macs"], rec["params"], GC_BUDGET)
+
+
+@register_arm(ADAPTIVE, "Adaptive GC", "tab:blue", timed=True)
+def _adaptive(s: Settling) -> ArmPlan:
+    """The method: the per-group allocation at r* (its ΔG taken from the controller's step at r* when it has one)."""
+    if s.at_r_star is not None and s.adaptive_ratios:
+        rec = s.at_r_star
+    else:
+        (rec,) = s.measure_many([s.adaptive_ratios or 0.0])
+    return ArmPlan(ADAPTIVE, s.r_star, dict(s.adaptive_ratios), rec["delta_g"], rec["macs"], rec["params"], s.budget)
+
+
+@register_arm("uniform", "Uniform L2", "tab:green")
+def _uniform(s: Settling) -> ArmPlan:
+    """One L2 ratio for every group, moved to within ±1% of Adaptive GC's MACs (METHOD.md §7); where integer channel
+    counts allow no closer match, the gap reached is recorded and a warning says so."""
+    adaptive = s.adaptive
+    if adaptive.macs >= s.base_macs:
+        return ArmPlan("uniform", 0.0, 0.0, 0.0, s.base_macs, s.base_params, match={"gap": 0.0, "adjusted": {}})
+
+    def macs_of(ratios: Mapping[str, float] | float) -> float:
+        return s.measure_many([ratios], size_only=True)[0]["macs"]
+
+    m = match_macs(adaptive.macs, macs_of, s.channels, s.cfg.r_max, round_to=s.cfg.round_to)
+    if not m.within:
+        log.warning("Uniform L2 reached %+.2f%% of Adaptive GC's MACs, not ±1%%: integer channel counts allow no "
+                    "closer match (recorded in the arms table)", 100 * m.gap)
+    (rec,) = s.measure_many([m.ratios])
+    return ArmPlan("uniform", m.ratio, m.ratios, rec["delta_g"], rec["macs"], rec["params"],
+                   match={"gap": m.gap, "adjusted": m.adjusted, "within": m.within, "macs_target": adaptive.macs})
