@@ -96,7 +96,7 @@ def full_run(ray_cluster, digits_weights, tmp_path_factory):
     """One finished pipeline run on digits with all four arms: (run directory, summary)."""
     from geoprune_ray.core.spec import JobSpec
     from geoprune_ray.distributed.pipeline import run_job
-    from geoprune_ray.report import render_report
+    from geoprune_ray.app.report import render_report
 
     storage = tmp_path_factory.mktemp("run") / "digits"
     job = pipeline_job(digits_weights, ["adaptive", "baseline", "gc", "uniform"], "digits-full")

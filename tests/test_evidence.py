@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from geoprune_ray.app.cli import main
-from geoprune_ray.evidence import collect, load_records, render
+from geoprune_ray.app.evidence import collect, load_records, render
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "bench" / "results" / "evidence_fashion"

@@ -13,7 +13,7 @@ from geoprune_ray.core.artifact import ModelCard, load_pruned, save_pruned
 from geoprune_ray.core.geometry import normalize
 from geoprune_ray.core.models import build_model, load_weights
 from geoprune_ray.core.rundir import write_json
-from geoprune_ray.export import export_model
+from geoprune_ray.app.export import export_model
 
 
 @pytest.fixture(scope="module")

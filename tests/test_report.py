@@ -9,7 +9,7 @@ import pytest
 
 from geoprune_ray.core.rundir import RunDir
 from geoprune_ray.errors import GeopruneError
-from geoprune_ray.report import figures, read_run, render_report
+from geoprune_ray.app.report import figures, read_run, render_report
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ..distributed.pipeline import run_job
-    from ..report import arms_table, render_report
+    from .report import arms_table, render_report
     from ..core.spec import load_spec
 
     spec = load_spec(args.job)
@@ -109,7 +109,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from ..core.spec import JobSpec
     from ..distributed.pipeline import STATE, run_job
     from ..core.rundir import RunDir
-    from ..report import arms_table, render_report
+    from .report import arms_table, render_report
 
     run = RunDir(args.run_dir)
     if not run.exists(STATE):
@@ -133,7 +133,7 @@ def _resume_with(command: str) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from ..core.rundir import RunDir
-    from ..report import render_batch, render_report
+    from .report import render_batch, render_report
 
     run = RunDir(args.run_dir)
     if run.exists("batch.json"):
@@ -146,7 +146,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_evidence(args: argparse.Namespace) -> int:
-    from ..evidence import write_evidence
+    from .evidence import write_evidence
 
     path, records = write_evidence(args.source, args.output)
     print(path.read_text(), end="")
@@ -155,7 +155,7 @@ def cmd_evidence(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..export import export_model
+    from .export import export_model
 
     rec = export_model(args.run_dir, args.format, args.out)
     print(f"wrote {rec['path']} ({args.format}; outputs match PyTorch's to {rec['max_abs_diff']:.2e} on a batch of "
@@ -194,7 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_batch(args: argparse.Namespace) -> int:
     from ..core.spec import load_batch
     from ..distributed.batch import run_batch
-    from ..report import render_batch
+    from .report import render_batch
 
     batch = load_batch(args.batch)
     storage = args.storage or f"runs/{batch.name}"

@@ -201,7 +201,7 @@ def _info(jobs, job_id: str):
 def submit_batch(batch, storage: str, address: Optional[str], follow: bool = True) -> int:
     """Submit every job of a batch; wait for them; write the combined table where the client can read it."""
     from ..core.rundir import RunDir
-    from ..report import render_batch
+    from .report import render_batch
 
     jobs = client(address)
     submitted = {}

@@ -22,7 +22,7 @@ from ..core.config import TrainConfig
 from ..core.models import build_model
 from ..core.spec import JobSpec
 from ..distributed.pipeline import run_job
-from ..report import render_report
+from ..app.report import render_report
 from ..distributed.launch import FINETUNE_POLL_S, fit
 from ..distributed.scaling import Scaling
 from .core import synthetic_set

@@ -40,7 +40,7 @@ def _pump(name: str, stream, sink) -> None:
 def run_batch(batch: BatchSpec, storage: str, address: Optional[str] = None,
               report: Optional[Callable[[RunDir, dict], Any]] = None) -> dict[str, Any]:
     """Run every job of ``batch`` concurrently on one cluster; returns batch.json's record. ``report(out, summaries)``,
-    given, renders the combined table of the jobs that finished (the CLI passes ``report.render_batch``)."""
+    given, renders the combined table of the jobs that finished (the CLI passes ``app.report.render_batch``)."""
     import ray
 
     from .cluster import connect, embedded_size
