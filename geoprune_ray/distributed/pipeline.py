@@ -67,10 +67,17 @@ from .searcher import SEARCHED, RatioSearcher, on_converged, provide
 from .sensitivity import by_group, submit_sensitivity
 from .trial import TrialContext, search_trial
 
-# Moved out of this module by issue 14 (``cluster``, ``resources``, ``probes``, ``core.protocol``); kept for one release.
-from .cluster import check_gcs_address, disconnect  # noqa: E402,F401
-from .resources import GpuShares, baseline_scaling, largest_node_cpus  # noqa: E402,F401
-from ..core.protocol import replay_controller, spearman  # noqa: E402,F401
+# Moved out of this module by issue 14 (to ``cluster``, ``resources``, ``probes``, ``core.protocol``); importable from
+# here for one release.
+from .cluster import check_gcs_address, disconnect  # noqa: E402
+from .resources import GpuShares, baseline_scaling, largest_node_cpus  # noqa: E402
+from ..core.protocol import replay_controller, spearman  # noqa: E402
+
+__all__ = ["EXPERIMENT", "STATE", "TRIAL_COLUMNS", "Pipeline", "RunContext", "run_job",
+           # the old names
+           "GpuShares", "Resources", "actor_restarts", "baseline_scaling", "check_gcs_address", "connect", "disconnect",
+           "embedded_size", "finetune_scaling", "gpu_shares", "largest_node_cpus", "prelaunch", "replay_controller",
+           "sensitivity_tasks", "side_by_side", "spearman", "wait_for_gpus", "whole_nodes"]
 
 log = logging.getLogger("geoprune_ray")
 STATE = "state.json"
@@ -504,7 +511,7 @@ class Pipeline:
         self._done("artifacts", started)
         summary = self._summary(ctx, baseline_top1)
         self.run.write_json("summary.json", summary)
-        if self.report is not None:  # report.md and the plots: the app's (``report.render_report``)
+        if self.report is not None:  # report.md and the plots: the app's (``app.report.render_report``)
             log.info("report: %s", self.report(self.run))
         return summary
 
@@ -631,7 +638,7 @@ def run_job(spec: JobSpec, storage: str, address: Optional[str] = None,
             report: Optional[Callable[[RunDir], Any]] = None) -> dict[str, Any]:
     """Run (or resume) ``spec`` with every artifact under ``storage``; returns the summary. One driver at a time
     holds a run directory (``RunDir.lock``). ``report(run)``, given, renders the report once the artifacts are written
-    (the CLI passes ``report.render_report``: rendering is the app's, above this layer)."""
+    (the CLI passes ``app.report.render_report``: rendering is the app's, above this layer)."""
     pipeline = Pipeline(spec, storage)  # checks the run directory before a cluster is started
     pipeline.report = report
     pipeline.preflight()  # and the model, weights and data
