@@ -74,3 +74,11 @@ def test_moved_modules_keep_their_old_names():
 
     for name in ("report", "evidence", "export"):
         assert importlib.import_module(f"geoprune_ray.{name}") is importlib.import_module(f"geoprune_ray.app.{name}")
+
+
+def test_nothing_below_the_app_runs_it_by_name():
+    """No import, and no command line either: a module below app that started ``geoprune_ray.app.cli`` in a child
+    process (as the batch once did) depends on the app as surely as one that imports it."""
+    named = [str(p.relative_to(ROOT)) for layer in ("core", "distributed") for p in sorted((ROOT / layer).rglob("*.py"))
+             if "geoprune_ray.app" in p.read_text()]
+    assert named == []

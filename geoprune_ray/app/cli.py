@@ -191,6 +191,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch_job_command(spec_file: Path, storage: str, address: str) -> list[str]:
+    """How a batch runs one of its jobs: this command's ``run``, in a process of its own, on the batch's cluster."""
+    return [sys.executable, "-m", "geoprune_ray.app.cli", "run", str(spec_file), "--storage", storage,
+            "--address", address]
+
+
 def cmd_batch(args: argparse.Namespace) -> int:
     from ..core.spec import load_batch
     from ..distributed.batch import run_batch
@@ -203,7 +209,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         from .submit import submit_batch
 
         return submit_batch(batch, storage, args.address, follow=True)
-    run_batch(batch, storage, address=args.address, report=render_batch)
+    run_batch(batch, storage, address=args.address, report=render_batch, job_command=_batch_job_command)
     print((Path(storage) / "batch.md").read_text() if "://" not in storage else f"wrote {storage}/batch.md")
     return 0
 

@@ -38,9 +38,16 @@ def _pump(name: str, stream, sink) -> None:
 
 
 def run_batch(batch: BatchSpec, storage: str, address: Optional[str] = None,
-              report: Optional[Callable[[RunDir, dict], Any]] = None) -> dict[str, Any]:
-    """Run every job of ``batch`` concurrently on one cluster; returns batch.json's record. ``report(out, summaries)``,
-    given, renders the combined table of the jobs that finished (the CLI passes ``app.report.render_batch``)."""
+              report: Optional[Callable[[RunDir, dict], Any]] = None,
+              job_command: Optional[Callable[[Path, str, str], list[str]]] = None) -> dict[str, Any]:
+    """Run every job of ``batch`` concurrently on one cluster; returns batch.json's record.
+
+    Each job runs in a process of its own: ``job_command(spec_file, storage, gcs_address)`` is its command line (the
+    CLI passes its own ``run``, which also renders the job's report; both are the app's, above this layer).
+    ``report(out, summaries)``, given, renders the combined table of the jobs that finished (the CLI passes
+    ``app.report.render_batch``)."""
+    if job_command is None:
+        raise TypeError("run_batch needs job_command: how to run one job of the batch in a process of its own")
     import ray
 
     from .cluster import connect, embedded_size
@@ -59,8 +66,7 @@ def run_batch(batch: BatchSpec, storage: str, address: Optional[str] = None,
         for spec in batch.jobs:
             job_file = Path(tmp) / f"{spec.name}.yaml"
             job_file.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-            cmd = [sys.executable, "-m", "geoprune_ray.app.cli", "run", str(job_file), "--storage",
-                   out.uri(spec.name), "--address", gcs]
+            cmd = job_command(job_file, out.uri(spec.name), gcs)
             log.info("batch: starting %s", spec.name)
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
             pump = threading.Thread(target=_pump, args=(spec.name, proc.stdout, sys.stdout), daemon=True)
