@@ -112,76 +112,118 @@ def adaptive_prune(model: nn.Module | str, train_set: Dataset | str, test_set: D
     model, train_set, test_set, card = resolve(model, train_set, test_set, width=width, weights=weights,
                                                input_size=input_size, data_dir=data_dir, download=download,
                                                arch=arch)
-    target = PruneTarget(card.input_shape, card.num_classes, cfg.importance, cfg.round_to)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
+    run = _LocalRun(cfg, card, train_set, test_set, device)
+    run.baseline(model, baseline)
+    run.reference(model)
+    run.probes()
+    run.sensitivity()
+    run.controller()
+    pruned, history, result = run.finetune(ft_cfg)
+    return PruneResult(pruned, history, card, run.summary(baseline, ft_cfg, result))
 
-    def lap(name: str) -> None:
-        nonlocal clock
+
+class _LocalRun:
+    """The protocol's steps (``core.protocol``) in one process, to be called in order: each keeps what the later ones
+    use, and its wall time in ``timings`` under its name (the clock starts here)."""
+
+    def __init__(self, cfg: MethodConfig, card: ModelCard, train_set: Dataset, test_set: Dataset,
+                 device: torch.device):
+        self.cfg, self.card, self.train_set, self.test_set, self.device = cfg, card, train_set, test_set, device
+        self.target = PruneTarget(card.input_shape, card.num_classes, cfg.importance, cfg.round_to)
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def _lap(self, name: str) -> None:
         now = time.perf_counter()
-        timings[name] = now - clock
-        clock = now
+        self.timings[name] = now - self._clock
+        self._clock = now
 
-    model.to(device)
-    if baseline is not None:
-        log.info("training the baseline for %d epochs", baseline.epochs)
-        train(model, train_set, baseline, device)
-    base_eval = evaluate(model, test_set, device)
-    base_macs, base_params = macs_params(model, card.input_shape)
-    lap("baseline")
+    def baseline(self, model: nn.Module, baseline: Optional[TrainConfig]) -> None:
+        """Train the model if ``baseline`` says how; its top-1, MACs and params."""
+        model.to(self.device)
+        if baseline is not None:
+            log.info("training the baseline for %d epochs", baseline.epochs)
+            train(model, self.train_set, baseline, self.device)
+        top1 = evaluate(model, self.test_set, self.device)["top1"]
+        macs, params = macs_params(model, self.card.input_shape)
+        self.base_figures = {"top1": top1, "macs": macs, "params": params}
+        self._lap("baseline")
 
-    meter = GeometryMeter(Calibration.from_dataset(train_set, cfg, device), cfg.bn_recalibration)
-    base = copy.deepcopy(model)
-    meter.set_reference(base)
-    noise = meter.noise(cfg.noise_splits, cfg.seed)
-    log.info("G_noise = %.4f on %d calibration images", noise, len(meter.calibration.labels))
-    lap("reference")
+    def reference(self, model: nn.Module) -> None:
+        """The calibration set, a copy of the model as the reference every pruned copy is measured against, G_noise."""
+        cfg = self.cfg
+        self.meter = GeometryMeter(Calibration.from_dataset(self.train_set, cfg, self.device), cfg.bn_recalibration)
+        self.base = copy.deepcopy(model)
+        self.meter.set_reference(self.base)
+        self.noise = self.meter.noise(cfg.noise_splits, cfg.seed)
+        log.info("G_noise = %.4f on %d calibration images", self.noise, len(self.meter.calibration.labels))
+        self._lap("reference")
 
-    def measure_many(ratios_list, size_only: bool = False) -> list[dict[str, Any]]:
+    def measure_many(self, ratios_list, size_only: bool = False) -> list[dict[str, Any]]:
+        """Prune a copy of the base with each of ``ratios_list`` and measure it (``size_only`` or not: all of it)."""
         out = []
         for ratios in ratios_list:
-            res = measure(base, meter, ratios, target)
+            res = measure(self.base, self.meter, ratios, self.target)
             out.append({"delta_g": res.delta_g, "macs": res.macs, "params": res.params, "seconds": res.seconds})
         return out
 
-    ratios = probe_ratios(cfg.probes, cfg.r_probe_max, cfg.seed)
-    probes = protocol.probe_rows(ratios, measure_many(ratios), cfg.seed)
-    for p in probes:
-        log.info("probe %d/%d: r=%.3f ΔG=%.4f", p["probe"] + 1, cfg.probes, p["ratio"], p["delta_g"])
-    budget = protocol.budget_from_probes(noise, probes, cfg, base_macs)
-    log.info("τ = %.4f", budget)
-    lap("probes")
+    def probes(self) -> None:
+        """The probes at random ratios, and τ from them."""
+        cfg = self.cfg
+        ratios = probe_ratios(cfg.probes, cfg.r_probe_max, cfg.seed)
+        self.probe_rows = protocol.probe_rows(ratios, self.measure_many(ratios), cfg.seed)
+        for p in self.probe_rows:
+            log.info("probe %d/%d: r=%.3f ΔG=%.4f", p["probe"] + 1, cfg.probes, p["ratio"], p["delta_g"])
+        self.budget = protocol.budget_from_probes(self.noise, self.probe_rows, cfg, self.base_figures["macs"])
+        log.info("τ = %.4f", self.budget)
+        self._lap("probes")
 
-    groups = dependency_groups(base, card.input_shape, card.num_classes)
-    channels = {g.name: g.channels for g in groups}
-    sens = {g.name: measure(base, meter, {g.name: cfg.sensitivity_ratio}, target).delta_g for g in groups}
-    budgets = protocol.group_budgets(budget, sens, noise, cfg)
-    lap("sensitivity")
+    def sensitivity(self) -> None:
+        """Each dependency group's ΔG pruned alone, and its budget τ_L."""
+        cfg, card = self.cfg, self.card
+        self.groups = dependency_groups(self.base, card.input_shape, card.num_classes)
+        self.channels = {g.name: g.channels for g in self.groups}
+        self.sens = {g.name: measure(self.base, self.meter, {g.name: cfg.sensitivity_ratio}, self.target).delta_g
+                     for g in self.groups}
+        self.budgets = protocol.group_budgets(self.budget, self.sens, self.noise, cfg)
+        self._lap("sensitivity")
 
-    ctl = protocol.new_controller(cfg, probes, budget)
-    while (r := ctl.propose()) is not None:
-        step_ratios = allocate(r, budgets, channels, cfg.r_max)
-        (rec,) = measure_many([step_ratios])
-        ctl.observe(rec["delta_g"], macs=rec["macs"], params=rec["params"],
-                    mean_ratio=weighted_ratio(step_ratios, channels))
-    r_star = protocol.r_star_of(ctl)
-    final_ratios = protocol.final_ratios(r_star, budgets, channels, cfg)
-    plan = protocol.settle_arms(["adaptive"], r_star, final_ratios, budget, channels, cfg, measure_many, base_macs,
-                                base_params, protocol.step_at(ctl, r_star))["adaptive"]
-    lap("controller")
+    def controller(self) -> None:
+        """The controller's search for r*, the final ratios at r*, and the adaptive arm's plan."""
+        cfg, channels = self.cfg, self.channels
+        ctl = self.ctl = protocol.new_controller(cfg, self.probe_rows, self.budget)
+        while (r := ctl.propose()) is not None:
+            step_ratios = allocate(r, self.budgets, channels, cfg.r_max)
+            (rec,) = self.measure_many([step_ratios])
+            ctl.observe(rec["delta_g"], macs=rec["macs"], params=rec["params"],
+                        mean_ratio=weighted_ratio(step_ratios, channels))
+        self.r_star = protocol.r_star_of(ctl)
+        self.final_ratios = protocol.final_ratios(self.r_star, self.budgets, channels, cfg)
+        self.plan = protocol.settle_arms(["adaptive"], self.r_star, self.final_ratios, self.budget, channels, cfg,
+                                         self.measure_many, self.base_figures["macs"], self.base_figures["params"],
+                                         protocol.step_at(ctl, self.r_star))["adaptive"]
+        self._lap("controller")
 
-    pruned, history, result = protocol.finetune_arm(base, final_ratios, meter, target, train_set, test_set, ft_cfg,
-                                                    device)
-    lap("finetune")
+    def finetune(self, ft_cfg: TrainConfig) -> tuple[nn.Module, list, protocol.ArmResult]:
+        """Prune at the final ratios, fine-tune, and measure before and after."""
+        out = protocol.finetune_arm(self.base, self.final_ratios, self.meter, self.target, self.train_set,
+                                    self.test_set, ft_cfg, self.device)
+        self._lap("finetune")
+        return out
 
-    summary = protocol.summary(card, train_set, test_set, len(meter.calibration.labels), cfg, baseline, ft_cfg, noise,
-                               budget, probes, ctl, channels, plan, result.to_dict(),
-                               {"top1": base_eval["top1"], "macs": base_macs, "params": base_params}, timings,
-                               provenance(device))
-    summary["probes"] = probes
-    summary["sensitivity"] = [{"group": g.name, "channels": g.channels, "modules": g.modules, "delta_g": sens[g.name],
-                               "tau_l": budgets[g.name], "ratio": final_ratios.get(g.name, 0.0)} for g in groups]
-    summary["controller"]["state"] = ctl.to_dict()
-    log.info("r* = %.4f: top-1 %.2f%% → %.2f%%, MACs %.2fM → %.2fM, ΔG %.4f ≤ τ %.4f", r_star, base_eval["top1"],
-             result.top1, base_macs / 1e6, result.macs / 1e6, result.delta_g, budget)
-    return PruneResult(pruned, history, card, summary)
+    def summary(self, baseline: Optional[TrainConfig], ft_cfg: TrainConfig,
+                result: protocol.ArmResult) -> dict[str, Any]:
+        """The protocol's summary, with the probes, each group's sensitivity and the controller's state."""
+        base = self.base_figures
+        summary = protocol.summary(self.card, self.train_set, self.test_set, len(self.meter.calibration.labels),
+                                   self.cfg, baseline, ft_cfg, self.noise, self.budget, self.probe_rows, self.ctl,
+                                   self.channels, self.plan, result.to_dict(), dict(base), self.timings,
+                                   provenance(self.device))
+        summary["probes"] = self.probe_rows
+        summary["sensitivity"] = [{"group": g.name, "channels": g.channels, "modules": g.modules,
+                                   "delta_g": self.sens[g.name], "tau_l": self.budgets[g.name],
+                                   "ratio": self.final_ratios.get(g.name, 0.0)} for g in self.groups]
+        summary["controller"]["state"] = self.ctl.to_dict()
+        log.info("r* = %.4f: top-1 %.2f%% → %.2f%%, MACs %.2fM → %.2fM, ΔG %.4f ≤ τ %.4f", self.r_star, base["top1"],
+                 result.top1, base["macs"] / 1e6, result.macs / 1e6, result.delta_g, self.budget)
+        return summary
