@@ -87,7 +87,8 @@ PIPELINE_METHOD = {"calib_per_class": 60, "bn_batches": 4, "probes": 8}
 def pipeline_job(weights, arms, name):
     return {"name": name, "model": {"name": "convnet", "width": 0.5, "weights": str(weights)},
             "data": {"name": "digits"},
-            "protocol": {"finetune_epochs": 2, "batch_size": 64, "lr": 0.1, "arms": list(arms)},
+            "protocol": {"finetune_epochs": 2, "batch_size": 64, "lr": 0.1, "arms": list(arms),
+                         "speed": False},  # the speed stage is timed where a test checks it (full_run, resume)
             "resources": {"probe_actors": 2, "cpus_per_worker": 0.5}, "method": PIPELINE_METHOD}
 
 
@@ -101,5 +102,6 @@ def full_run(ray_cluster, digits_weights, tmp_path_factory):
     storage = tmp_path_factory.mktemp("run") / "digits"
     job = pipeline_job(digits_weights, ["adaptive", "baseline", "gc", "uniform"], "digits-full")
     job["protocol"]["probe_accuracy"] = True  # each probe's top-1 too (the evidence's Spearman)
+    job["protocol"]["speed"] = True  # every arm timed as deployed (test_report)
     spec = JobSpec.from_dict(job)
     return storage, run_job(spec, str(storage), report=render_report)

@@ -181,10 +181,32 @@ def test_bench_job_runs_a_job_with_the_arms_off(ray_cluster, digits_weights, tmp
     assert pieces["train_launch"]["launch_s"] > 0 and pieces["cold_actor_s"] > 0
     assert "| alone: one Tune experiment of one empty trial (s)" in out
     assert 0 < pl["macs_ratio"] < 1 and f"| pruned model's MACs kept (its MACs reduction) | {pl['macs_ratio']:.3f}" in out
-    rows = pl["speed"]["rows"]
-    assert [r["batch"] for r in rows] == [1, 256]
-    for r in rows:  # the speed-up beside the MACs reduction it is compared with
-        assert f"| … batch {r['batch']} speed-up as a fraction of the MACs reduction | " in out
+    rows = [r for r in pl["speed"]["rows"] if r["model"] == "adaptive"]  # timed as deployed, after the fine-tune
+    assert {r["batch"] for r in rows} == {1, 64, 256} and {r["engine"] for r in rows} == {"eager", "onnxruntime"}
+    for r in rows:  # each timing beside its speed-up as a fraction of the MACs reduction
+        assert f"{r['speedup']:.2f}×, {r['speedup_per_macs']:.2f} |" in out
+    assert "| accuracy vs latency: Adaptive GC: top-1 (%), MACs (M), latency b1 (ms), speed-up b256 | " in out
     # Where it ran: both sides on the same kind of device (the line's format: test_markdown_of_a_job_bench_...)
     assert pl["train_device"].split(":")[0] == local["device"].split(":")[0]
     assert "| where it ran: the probe actors' GPU ids / the adaptive fine-tune's device | " in out
+
+
+def test_rounding_checks_read_the_cpu_targets_off_a_speed_record():
+    """bench.rounding's targets (issue 15): Adaptive GC ≥ 0.8 of its MACs reduction at batches 64 and 256; no pruned
+    arm more than 3% slower than the base. Known rows, known verdicts."""
+    from geoprune_ray.bench.rounding import checks
+
+    def row(model, batch, speedup, reduction):
+        return {"model": model, "engine": "eager", "threads": 1, "batch": batch, "speedup": speedup,
+                "macs_reduction": reduction, "speedup_per_macs": speedup / reduction}
+
+    speed = {"rows": [row("base", 64, 1.0, 1.0), row("adaptive", 1, 1.05, 1.5), row("adaptive", 64, 1.5, 1.5),
+                      row("adaptive", 256, 1.25, 1.5), row("baseline", 64, 0.9, 1.0), row("gc", 64, 0.98, 1.2)]}
+    c = checks(speed)
+    assert c["adaptive_min_fraction"] == pytest.approx(1.25 / 1.5) and c["adaptive_fraction_met"]  # batch 1: no target
+    assert c["none_slower"] and c["slowest_pruned"]["model"] == "gc"  # 0.98; the baseline arm (0.9) is unpruned
+    speed["rows"].append(row("uniform", 1, 0.96, 1.5))  # any batch counts
+    c = checks(speed)
+    assert not c["none_slower"] and c["slowest_pruned"]["model"] == "uniform"
+    speed["rows"][3] = row("adaptive", 256, 1.1, 1.5)
+    assert not checks(speed)["adaptive_fraction_met"]

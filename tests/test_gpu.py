@@ -96,3 +96,23 @@ def test_step_capture_on_gpu_trains_alike():
         results[capture] = (history[-1]["loss"], evaluate(trained, data, "cuda")["top1"])
     assert results[True][0] == pytest.approx(results[False][0], rel=0.05)  # bf16 autocast on both
     assert abs(results[True][1] - results[False][1]) < 5
+
+
+def test_a_cuda_bf16_target_times_every_precision_with_cuda_events():
+    """issue 15: bf16 and fp16 with channels_last and fp32 beside them, batches 1, 256 and the largest of 4096/1024
+    that fits; every figure a median of at least 20 passes."""
+    from geoprune_ray.core.pruning import macs_params, prune_copy
+    from geoprune_ray.core.speed import deploy_speed
+
+    torch.manual_seed(0)
+    shape = (3, 32, 32)
+    base = build_model("resnet18", 10, 3, 0.25).eval()
+    pruned, _ = prune_copy(base, 0.3, shape, 10, round_to=16)
+    macs = {"base": macs_params(base, shape)[0], "adaptive": macs_params(pruned, shape)[0]}
+    record = deploy_speed(base, {"adaptive": pruned}, shape, "cuda-bf16", macs=macs, budget_s=0.0)
+    assert record["measured"] and record["device"].startswith("cuda") and record["precision"] == "bf16"
+    assert {r["precision"] for r in record["rows"]} == {"bf16", "fp16", "fp32"}
+    for precision in ("bf16", "fp16", "fp32"):
+        batches = sorted({r["batch"] for r in record["rows"] if r["precision"] == precision})
+        assert batches[:2] == [1, 256] and batches[2] in (1024, 4096) and len(batches) == 3
+    assert all(r["repeats"] >= 20 and r["engine"] == "eager" for r in record["rows"])

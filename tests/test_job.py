@@ -107,11 +107,12 @@ def test_to_dict_keeps_the_shape_that_state_json_holds():
         "data": {"name": "fashion-mnist", "data_dir": None, "download": False},
         "protocol": {"baseline_epochs": 5, "finetune_epochs": 3, "batch_size": 256, "lr": 0.2,
                      "arms": ("adaptive", "baseline", "gc", "uniform"), "finetune_all": False,
-                     "probe_accuracy": False, "step_capture": False},
+                     "probe_accuracy": False, "step_capture": False, "speed": True},
         "resources": {"probe_actors": 2, "cpus_per_actor": 0.25, "gpus_per_actor": None, "workers": 1,
                       "cpus_per_worker": 1.0, "gpus_per_worker": None, "use_gpu": None, "sensitivity_tasks": None,
                       "wait_for_gpu_s": 0.0},
         "method": {"beta": 2},
+        "deploy": "cpu",
         "seed": 0,
     }
     stored = json.loads(json.dumps(spec.to_dict()))
@@ -198,3 +199,16 @@ def test_every_shipped_job_file_loads():
         else:
             spec = load_spec(f)
             assert spec.method == {}  # the method decides τ, r and the ratios
+
+
+def test_deploy_sets_the_channel_rounding_unless_the_method_sets_it():
+    """issue 15: kept channels are rounded for where the model will run (METHOD.md §5); ``round_to: 1`` turns it off."""
+    assert JobSpec.from_dict({"name": "j"}).deploy == "cpu"
+    assert JobSpec.from_dict({"name": "j"}).method_config().round_to == 8
+    for deploy in ("cuda", "cuda-bf16"):
+        assert JobSpec.from_dict({"name": "j", "deploy": deploy}).method_config().round_to == 16
+    assert JobSpec.from_dict({"name": "j", "deploy": "cuda", "method": {"round_to": 4}}).method_config().round_to == 4
+    assert JobSpec.from_dict({"name": "j", "method": {"round_to": 1}}).method_config().round_to == 1
+    with pytest.raises(GeopruneError) as err:
+        JobSpec.from_dict({"name": "j", "deploy": "tpu"})
+    assert "deploy" in str(err.value) and "cpu, cuda, cuda-bf16" in str(err.value)

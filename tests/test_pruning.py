@@ -126,8 +126,22 @@ def test_ratio_zero_prunes_nothing_and_round_to_is_respected():
     same, history = prune_copy(model, 0.0, SHAPE, 10)
     assert history == [] and _conv_out_channels(same) == _conv_out_channels(model)
     rounded, _ = prune_copy(model, 0.3, SHAPE, 10, round_to=8)
-    assert all(c % 8 == 0 for c in _conv_out_channels(rounded).values() if c != 3)
-    assert kept_channels(5, 0.99) == 1 and kept_channels(64, 0.3, 8) == 40 and kept_channels(64, 0.0, 8) == 64
+    base = _conv_out_channels(model)
+    for name, kept in _conv_out_channels(rounded).items():  # groups of 32 channels or more: multiples of 8
+        assert kept % 8 == 0 or base[name] < 32, (name, base[name], kept)
+    assert kept_channels(5, 0.99) == 1 and kept_channels(64, 0.0, 8) == 64
+
+
+def test_round_to_rounds_to_the_nearest_multiple_in_groups_of_four_multiples_or_more():
+    """METHOD.md §5: the nearest multiple (a half rounds up, keeping more), only where n ≥ 4 × round_to, never
+    below one multiple; round_to 1 or None rounds nothing."""
+    assert kept_channels(64, 0.3, 8) == 48  # keeps 45 → 48, not 40 (rounding down)
+    assert kept_channels(64, 0.36, 8) == 40  # keeps 41 → 40
+    assert kept_channels(64, 0.4375, 8) == 40  # keeps 36, a half: up to 40
+    assert kept_channels(31, 0.3, 8) == 22  # 31 < 32: not rounded
+    assert kept_channels(32, 0.9, 8) == 8  # keeps 3 → at least one multiple
+    assert kept_channels(40, 0.1, 8) == 40  # keeps 36 → 40: the group is not pruned
+    assert kept_channels(64, 0.3, 1) == kept_channels(64, 0.3, None) == 45
 
 
 @pytest.mark.parametrize("name", sorted(IMPORTANCES))

@@ -28,6 +28,9 @@ def test_adaptive_prune_on_digits(result):
     assert len(s["probes"]) == MethodConfig().probes
     assert s["pruned"]["macs"] < s["baseline"]["macs"]
     assert s["pruned"]["delta_g_before_finetune"] <= s["tau"]
+    # timed as deployed (cpu: rounded to 8), the model against the base, after its fine-tune (issue 15)
+    assert s["config"]["deploy"] == "cpu" and s["config"]["method"]["round_to"] == 8
+    assert s["speed"]["measured"] and {r["model"] for r in s["speed"]["rows"]} == {"base", "adaptive"}
     assert any(not st["accepted"] for st in steps), steps
     assert s["pruned"]["top1"] >= 90.0
     assert s["controller"]["r_star"] == max(st["r"] for st in steps if st["accepted"])
@@ -56,8 +59,8 @@ def test_result_saves_and_reloads(result, tmp_path, digits):
 def test_python_api_takes_modules_and_datasets(digits, digits_model, tmp_path):
     train_set, test_set = digits
     res = adaptive_prune(digits_model, train_set, test_set, method=small_method(), device="cpu",
-                         finetune_cfg=finetune_defaults(epochs=1, batch_size=64))
-    assert res.summary["baseline"]["top1"] > 95 and res.card.arch == ""
+                         finetune_cfg=finetune_defaults(epochs=1, batch_size=64), speed=False)
+    assert res.summary["baseline"]["top1"] > 95 and res.card.arch == "" and res.summary["speed"] is None
     with pytest.raises(GeopruneError, match="without an architecture name"):
         res.save(tmp_path)
     assert not (tmp_path / "summary.json").exists()

@@ -81,26 +81,48 @@ def test_accuracy_plot_draws_every_finetuned_trial(artifacts):
     assert len(drawn) == len(summary["arms"]) == 4
 
 
-def test_speed_plot_and_the_measured_speed(artifacts):
-    _, summary, *_, figs = artifacts
+def test_every_arm_is_timed_as_deployed_after_the_last_fine_tune(artifacts):
+    storage, summary, *_, figs = artifacts
     speed = summary["speed"]
-    assert [r["batch"] for r in speed["rows"]] == [1, 256]
+    assert speed["version"] == 2 and speed["measured"] and speed["deploy"] == summary["job"]["deploy"] == "cpu"
+    models = {r["model"] for r in speed["rows"]}
+    assert models == {"base", "adaptive", "baseline", "gc", "uniform"}
+    assert {(r["engine"], r["batch"]) for r in speed["rows"]} == {(e, b) for e in ("eager", "onnxruntime")
+                                                                   for b in (1, 64, 256)}
+    assert all(r["repeats"] >= 20 for r in speed["rows"])
+    # the stage ran after every fine-tune had finished (never beside one)
+    stages = {t["stage"]: t for t in summary["timeline"]}
+    assert stages["speed"]["start"] >= max(t["end"] for name, t in stages.items() if name.startswith("fine-tune "))
+    # speed.png: one panel per batch, a bar for the base and each arm, heights the deployed throughputs
+    deployed = [r for r in speed["rows"] if r["engine"] == "eager" and r["threads"] == max(speed["threads"])]
     heights = [bar.get_height() for ax in figs["speed"].axes for bar in ax.patches]
-    assert heights == pytest.approx([v for r in speed["rows"] for v in (r["base_throughput"], r["pruned_throughput"])])
-    for r in speed["rows"]:
-        assert r["repeats"] >= 5 and r["base_latency_ms"] > 0 and r["pruned_latency_ms"] > 0
-        assert r["speedup"] == pytest.approx(r["base_latency_ms"] / r["pruned_latency_ms"])
+    assert heights == pytest.approx([r["throughput"] for r in sorted(deployed, key=lambda r: r["batch"])])
+    # each arm's row and trial carry its latency and throughput beside its MACs
+    trials = pq.read_table(storage / "trials.parquet").to_pandas().query("kind == 'finetune'")
+    for row in summary["arms"]:
+        b1 = next(r for r in deployed if r["model"] == row["arm"] and r["batch"] == 1)
+        big = next(r for r in deployed if r["model"] == row["arm"] and r["batch"] == 256)
+        assert (row["latency_ms"], row["throughput"], row["speed_batch"]) == (b1["latency_ms"], big["throughput"], 256)
+        trial = trials[trials["arm"] == row["arm"]].iloc[0]
+        assert trial["latency_ms"] == pytest.approx(row["latency_ms"]) and trial["macs"] == row["macs_m"] * 1e6
+    # accuracy against measured latency: every fine-tuned trial
+    drawn = np.concatenate([_offsets(c) for c in figs["accuracy_latency"].axes[0].collections])
+    expected = np.column_stack([trials["latency_ms"], trials["top1"]])
+    _same_points(drawn[np.lexsort(drawn.T[::-1])], *expected[np.lexsort(expected.T[::-1])].T)
 
 
 def test_report_md_links_plots_that_exist(full_run):
     storage, summary = full_run
     report = (storage / "report.md").read_text()  # written at the run's end
     assert render_report(str(storage)).endswith("report.md")  # and re-rendered from the artifacts alone
-    for name in ("probes", "probe_accuracy", "trajectory", "groups", "accuracy_macs", "speed", "timeline"):
+    for name in ("probes", "probe_accuracy", "trajectory", "groups", "accuracy_macs", "speed", "accuracy_latency",
+                 "timeline"):
         assert f"(plots/{name}.png)" in report
         image = mpimg.imread(storage / "plots" / f"{name}.png")
         assert image.ndim == 3 and image.shape[0] > 200 and np.ptp(image) > 0
     assert "| Adaptive GC |" in report and f"{summary['pruned']['top1']:.2f}" in report
+    assert "## Inference speed" in report and "Deploy target **cpu** (fp32)" in report
+    assert "| Latency b1 (ms) | img/s b256 | Speed-up b256 |" in report
     assert f"{summary['tau']:.4f}" in report
     # METHOD.md §4: the summary and the report say how many probes removed no channel (kept in τ's sample)
     probes = pq.read_table(storage / "probes.parquet").to_pylist()
@@ -114,3 +136,16 @@ def test_report_of_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({}))
     with pytest.raises(GeopruneError, match="not a finished geoprune run"):
         render_report(str(tmp_path))
+
+
+def test_a_speed_record_from_before_issue_15_still_renders():
+    """Run directories keep working: a version-1 record (base against the Adaptive GC architecture) renders as it did."""
+    from geoprune_ray.app.report import plot_speed, speed_section
+
+    speed = {"device": "cpu", "device_name": "cpu", "threads": 2,
+             "rows": [{"batch": b, "base_latency_ms": 1.0 * b, "pruned_latency_ms": 0.8 * b, "base_throughput": 1000.0,
+                       "pruned_throughput": 1250.0, "speedup": 1.25, "repeats": 5} for b in (1, 256)]}
+    text = "\n".join(speed_section(speed, 0.6))
+    assert "| 256 | 256.000 | 204.800 | 1000 | 1250 | 1.25× |" in text and "MACs ratio ×0.600" in text
+    heights = [bar.get_height() for ax in plot_speed(speed).axes for bar in ax.patches]
+    assert heights == [1000.0, 1250.0, 1000.0, 1250.0]

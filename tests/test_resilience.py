@@ -29,7 +29,7 @@ from geoprune_ray.app.cli import main
 from geoprune_ray.distributed.guard import RunLock, descendants, started_at
 
 RESUME_POINTS = ["tune:start", "search:start", "search:end", "controller:end", "arms:end", "finetune:epoch",
-                 "artifacts:start"]
+                 "speed:start", "artifacts:start"]
 
 
 def _driver(argv, log_path, failpoint=None, err_path=None):
@@ -72,7 +72,9 @@ def _gone_within(pids: dict[int, float], seconds: float) -> list[int]:
 def test_a_driver_killed_at_any_point_resumes_to_the_same_result(full_run, digits_weights, tmp_path):
     _, uninterrupted = full_run
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(pipeline_job(digits_weights, ["adaptive", "uniform"], "digits-kills")))
+    spec = pipeline_job(digits_weights, ["adaptive", "uniform"], "digits-kills")
+    spec["protocol"]["speed"] = True  # killed at speed:start too
+    job.write_text(yaml.safe_dump(spec))
     storage = tmp_path / "run"
     address = ray.get_runtime_context().gcs_address
     logs = []
@@ -108,6 +110,8 @@ def test_a_driver_killed_at_any_point_resumes_to_the_same_result(full_run, digit
     # resumed runs never train what a finished stage holds: the search ran until it was recorded, then never again
     searched = [i for i, text in enumerate(logs) if "stage search:" in text]
     assert searched == [1, 2]  # at its start, then at its end (recorded): never again
+    timed = [i for i, text in enumerate(logs) if "stage speed:" in text]
+    assert timed == [6, 7] and summary["speed"]["measured"]  # killed as it began, then timed once and recorded
 
 
 @pytest.mark.parametrize("stage,failpoint", [

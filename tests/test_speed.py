@@ -1,28 +1,59 @@
-"""Inference speed: base and pruned passes take turns, so a passing load on the machine slows both alike."""
+"""Inference speed as deployed (core.speed, core.deploy): every model against the base, its passes taking turns."""
 
+import pytest
 import torch
-from torch import nn
 
-from geoprune_ray.core.speed import compare_speed
+from geoprune_ray.core.deploy import MIN_REPEATS, headline, not_measured, slow_reason
+from geoprune_ray.core.models import build_model
+from geoprune_ray.core.pruning import macs_params, prune_copy
+from geoprune_ray.core.speed import _median_times, cpu_threads, deploy_speed
 
-
-class Recorder(nn.Module):
-    def __init__(self, name: str, calls: list):
-        super().__init__()
-        self.name, self.calls, self.layer = name, calls, nn.Linear(8, 4)
-
-    def forward(self, x):
-        self.calls.append(self.name)
-        return self.layer(x)
+SHAPE = (3, 8, 8)
 
 
-def test_base_and_pruned_passes_take_turns():
+def test_passes_take_turns_after_warm_up():
     calls: list[str] = []
-    result = compare_speed(Recorder("base", calls), Recorder("pruned", calls), (8,), "cpu", batches=(1, 16),
-                           budget_s=0.05)
-    assert [row["batch"] for row in result["rows"]] == [1, 16]
-    for row in result["rows"]:
-        assert row["repeats"] >= 5 and row["speedup"] == row["base_latency_ms"] / row["pruned_latency_ms"]
-    first_batch = calls[4:4 + 2 * result["rows"][0]["repeats"]]  # after 2 warm-up passes of each
-    assert first_batch == ["base", "pruned"] * result["rows"][0]["repeats"]
-    assert torch.get_num_threads() == result["threads"]
+    runners = [lambda: calls.append("base"), lambda: calls.append("pruned")]
+    times = _median_times(runners, torch.device("cpu"), min_repeats=20, budget_s=0.0)
+    assert [len(t) for t in times] == [20, 20]
+    assert calls == ["base"] * 2 + ["pruned"] * 2 + ["base", "pruned"] * 20  # 2 warm-up passes each, then turns
+
+
+def test_a_cpu_target_times_every_model_on_each_engine_thread_count_and_batch():
+    torch.manual_seed(0)
+    base = build_model("convnet", 10, width=0.5).eval()
+    pruned, _ = prune_copy(base, 0.5, SHAPE, 10, round_to=8)
+    macs = {"base": macs_params(base, SHAPE)[0], "adaptive": macs_params(pruned, SHAPE)[0]}
+    record = deploy_speed(base, {"adaptive": pruned}, SHAPE, "cpu", cpus=2, macs=macs, budget_s=0.0)
+    assert record["measured"] and record["deploy"] == "cpu" and record["precision"] == "fp32"
+    assert record["threads"] == [1, 2] == list(cpu_threads(2)) and cpu_threads(1) == (1,)
+    keys = {(r["model"], r["engine"], r["threads"], r["batch"]) for r in record["rows"]}
+    assert keys == {(m, e, t, b) for m in ("base", "adaptive") for e in ("eager", "onnxruntime") for t in (1, 2)
+                    for b in (1, 64, 256)}
+    for r in record["rows"]:
+        assert r["repeats"] >= MIN_REPEATS and r["latency_ms"] > 0
+        assert r["throughput"] == pytest.approx(r["batch"] / (r["latency_ms"] / 1e3))
+        if r["model"] == "base":
+            assert r["speedup"] == 1.0 and r["macs_reduction"] == 1.0
+        else:
+            assert r["macs_reduction"] == pytest.approx(macs["base"] / macs["adaptive"]) and r["macs_reduction"] > 1
+            assert r["speedup_per_macs"] == pytest.approx(r["speedup"] / r["macs_reduction"])
+    top = headline(record, "adaptive")  # the arms table's figures: eager (the first engine), 2 threads
+    assert top["speed_batch"] == 256 and top["latency_ms"] == next(
+        r["latency_ms"] for r in record["rows"]
+        if (r["model"], r["engine"], r["threads"], r["batch"]) == ("adaptive", "eager", 2, 1))
+
+
+def test_a_gpu_target_without_a_gpu_is_not_measured_here():
+    record = deploy_speed(torch.nn.Linear(4, 2), {}, (4,), "cuda-bf16", device="cpu")
+    assert record == not_measured("cuda-bf16")
+    assert not record["measured"] and record["rows"] == [] and "not measured here" in record["reason"]
+    assert record["precision"] == "bf16" and headline(record, "adaptive") == {}
+
+
+def test_a_speed_up_far_below_the_macs_reduction_says_why():
+    row = {"model": "adaptive", "batch": 256, "latency_ms": 5.0, "speedup": 1.1, "speedup_per_macs": 0.55}
+    assert "memory traffic" in slow_reason(row)
+    assert "latency-bound at batch 1" in slow_reason({**row, "batch": 1})
+    assert "overhead-bound" in slow_reason({**row, "latency_ms": 0.1})
+    assert slow_reason({**row, "speedup_per_macs": 0.9}) is None and slow_reason({**row, "model": "base"}) is None

@@ -81,7 +81,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                            capture=args.step_capture)
     result = adaptive_prune(args.model, args.dataset, args.dataset, method=method, baseline=baseline,
                             finetune_cfg=ft, width=args.width, weights=args.weights, input_size=args.input_size,
-                            data_dir=args.data_dir, download=args.download, device=args.device)
+                            data_dir=args.data_dir, download=args.download, device=args.device,
+                            deploy=args.deploy)
     result.save(out)
     s = result.summary
     print(f"r* = {s['controller']['r_star']:.3f} (τ = {s['tau']:.4f}, G_noise = {s['g_noise']:.4f}): "
@@ -306,9 +307,19 @@ def _add_prune(sub) -> None:
     _add_data_device(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method default (recorded in summary.json), e.g. --set controller=bisect")
+    _add_deploy(p)
     _add_step_capture(p)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_prune)
+
+
+def _add_deploy(p: argparse.ArgumentParser) -> None:
+    from ..core.deploy import DEFAULT, TARGETS
+
+    p.add_argument("--deploy", choices=list(TARGETS), default=DEFAULT,
+                   help=f"where the pruned model will run: kept channels are rounded for it (cpu: multiples of "
+                        f"{TARGETS['cpu'].round_to}, cuda and cuda-bf16: {TARGETS['cuda'].round_to}) unless --set "
+                        f"round_to=N (1: none); default {DEFAULT}")
 
 
 def _add_train(sub) -> None:

@@ -75,7 +75,8 @@ def _export_onnx(model: torch.nn.Module, x: torch.Tensor, reference: torch.Tenso
         import onnxruntime as ort
     except ImportError:
         raise GeopruneError("ONNX export needs onnx, onnxscript and onnxruntime",
-                            "pip install 'geoprune-ray[export]'") from None
+                            "reinstall geoprune-ray (they are among its dependencies), or pip install onnx onnxscript "
+                            "onnxruntime") from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["logits"],

@@ -18,10 +18,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from ..core import arms as arm_registry  # noqa: E402
+from ..core.deploy import MIN_REPEATS, slow_reason  # noqa: E402
 from ..core.rundir import RunDir  # noqa: E402
 from ..errors import GeopruneError  # noqa: E402
 
-PLOTS = ("probes", "probe_accuracy", "trajectory", "groups", "accuracy_macs", "speed", "timeline")
+PLOTS = ("probes", "probe_accuracy", "trajectory", "groups", "accuracy_macs", "speed", "accuracy_latency", "timeline")
 
 
 def _nothing_removed(count: Optional[int]) -> str:
@@ -129,7 +130,30 @@ def plot_accuracy_macs(finetuned: Sequence[dict]) -> Figure:
 
 
 def plot_speed(speed: dict) -> Figure:
-    """Measured throughput of the base and pruned models at each batch size (medians)."""
+    """Measured throughput of the base and every timed model, one panel per batch size (medians)."""
+    if speed.get("version", 1) < 2:
+        return _plot_speed_v1(speed)
+    rows = _deployed_rows(speed)
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(3.4 * len(batches), 3.6), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        at = [r for r in rows if r["batch"] == batch]
+        ax.bar(range(len(at)), [r["throughput"] for r in at],
+               color=[arm_registry.color(r["model"], "black" if r["model"] == "base" else "tab:purple") for r in at])
+        ax.set_xticks(range(len(at)), [_model_label(r["model"]) for r in at], rotation=30, ha="right", fontsize=7)
+        for i, r in enumerate(at):
+            ax.annotate(f"{r['speedup']:.2f}×", (i, r["throughput"]), ha="center", va="bottom", fontsize=7)
+        ax.set(title=f"batch {batch}", ylabel="images / s")
+        ax.grid(axis="y", alpha=0.3)
+    first = rows[0] if rows else {}
+    fig.suptitle(f"Inference as deployed ({speed['deploy']}): {speed['device_name']}, {first.get('precision')}, "
+                 f"{first.get('engine')}{_threads_of(first)}; speed-up over the base above each bar", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_speed_v1(speed: dict) -> Figure:
+    """A run from before issue 15: the base against the Adaptive GC architecture."""
     rows = speed["rows"]
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.5))
     axes = list(axes) if len(rows) > 1 else [axes]
@@ -141,6 +165,40 @@ def plot_speed(speed: dict) -> Figure:
     fig.suptitle(f"Inference on {speed['device_name']} ({_threads(speed)}), medians of repeated timings", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_accuracy_latency(finetuned: Sequence[dict]) -> Figure:
+    """Top-1 after fine-tuning against measured latency at batch 1, for every fine-tuned trial that was timed."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, t in enumerate(finetuned):
+        name = arm_registry.label(t.get("arm") or "", None) if t["kind"] == "finetune" else f"step {t['step']}"
+        color = arm_registry.color(t.get("arm") or "", "tab:purple") if t["kind"] == "finetune" else "tab:purple"
+        ax.scatter([t["latency_ms"]], [t["top1"]], s=50, zorder=3, alpha=0.8, color=color)
+        ax.annotate(name or t.get("arm"), (t["latency_ms"], t["top1"]), xytext=(6, 4 + 9 * (i % 3)),
+                    textcoords="offset points", fontsize=7)
+    ax.set(xlabel="latency at batch 1 (ms), as deployed", ylabel="top-1 after fine-tuning (%)",
+           title="Accuracy vs measured latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _deployed_rows(speed: dict) -> list[dict]:
+    """The rows of the deployed precision, first engine and most threads: what the plot and the arms table show."""
+    rows = [r for r in speed.get("rows", []) if r["precision"] == speed["precision"]]
+    if not rows:
+        return []
+    engine, threads = rows[0]["engine"], max((r["threads"] or 0) for r in rows)
+    return [r for r in rows if r["engine"] == engine and (r["threads"] or 0) == threads]
+
+
+def _model_label(name: str) -> str:
+    return arm_registry.label(name, name)
+
+
+def _threads_of(row: dict) -> str:
+    t = row.get("threads")
+    return "" if t is None else f", {t} thread{'s' if t != 1 else ''}"
 
 
 def _timeline_row(stage: str) -> str:
@@ -190,8 +248,11 @@ def figures(summary: dict, probes: list[dict], groups: list[dict], trials: list[
             "trajectory": plot_trajectory([t for t in trials if t["kind"] == "step"], summary["tau"]),
             "groups": plot_groups(groups),
             "accuracy_macs": plot_accuracy_macs(finetuned)}
-    if summary.get("speed"):
+    if summary.get("speed") and (summary["speed"].get("version", 1) < 2 or summary["speed"]["rows"]):
         figs["speed"] = plot_speed(summary["speed"])
+    timed = [t for t in finetuned if _finite(t.get("latency_ms"))]
+    if timed:
+        figs["accuracy_latency"] = plot_accuracy_latency(timed)
     if summary.get("timeline"):
         figs["timeline"] = plot_timeline(summary["timeline"])
     return figs
@@ -215,21 +276,95 @@ def _png(fig: Figure) -> bytes:
 
 
 def arms_table(arms: Iterable[dict]) -> str:
-    """The paper-style table: Method | Top-1 | Params (M) | MACs (M) | ΔG."""
-    lines = ["| Method | Top-1 (%) | Params (M) | MACs (M) | ΔG |", "|---|---|---|---|---|"]
+    """The paper-style table: Method | Top-1 | Params (M) | MACs (M) | ΔG, with each arm's latency and throughput as
+    deployed beside its MACs where the run timed them."""
+    arms = list(arms)
+    timed = any(row.get("latency_ms") is not None for row in arms)
+    batch = next((row["speed_batch"] for row in arms if row.get("speed_batch")), None)
+    head = "| Method | Top-1 (%) | Params (M) | MACs (M) | ΔG |"
+    if timed:
+        head += f" Latency b1 (ms) | img/s b{batch} | Speed-up b{batch} |"
+    lines = [head, "|" + "---|" * head.count(" |")]
     for row in arms:
-        lines.append(f"| {row['method']} | {row['top1']:.2f} | {_millions(row['params_m'])} | {_millions(row['macs_m'])} | "
-                     f"{row['delta_g']:.4f} |")
+        line = (f"| {row['method']} | {row['top1']:.2f} | {_millions(row['params_m'])} | {_millions(row['macs_m'])} | "
+                f"{row['delta_g']:.4f} |")
+        if timed:
+            line += (f" {row['latency_ms']:.3f} | {row['throughput']:.0f} | {row['speedup']:.2f}× |"
+                     if row.get("latency_ms") is not None else " | | |")
+        lines.append(line)
     return "\n".join(lines)
 
 
+def _macs_match(arms: Iterable[dict]) -> list[str]:
+    """How close Uniform L2 came to Adaptive GC's MACs (METHOD.md §7: ±1%), said whether or not it got there."""
+    lines = []
+    for row in arms:
+        if row.get("macs_gap") is None:
+            continue
+        gap = row["macs_gap"]
+        moved = f", {row['adjusted_groups']} group(s) moved off the one ratio" if row.get("adjusted_groups") else ""
+        verdict = ("within ±1%" if abs(gap) <= 0.01 else
+                   "**not within ±1%**: integer channel counts (and the rounding) allow no closer match")
+        lines += [f"{row['method']} matched Adaptive GC's MACs to {100 * gap:+.2f}% ({verdict}{moved}).", ""]
+    return lines
+
+
 def speed_table(speed: dict) -> str:
+    """Every timing of the speed stage: model, engine, precision, threads, batch, latency, throughput, the speed-up
+    over the base and that speed-up as a fraction of the MACs reduction."""
+    if speed.get("version", 1) < 2:
+        return _speed_table_v1(speed)
+    lines = ["| Model | Engine | Precision | Threads | Batch | Latency (ms) | img/s | Speed-up | MACs reduction | "
+             "Speed-up / MACs reduction |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in speed["rows"]:
+        lines.append(f"| {_model_label(r['model'])} | {r['engine']} | {r['precision']} | {r['threads'] or ''} | "
+                     f"{r['batch']} | {r['latency_ms']:.3f} | {r['throughput']:.0f} | {r['speedup']:.2f}× | "
+                     f"{_times(r.get('macs_reduction'))} | {_fraction(r.get('speedup_per_macs'))} |")
+    return "\n".join(lines)
+
+
+def speed_notes(speed: dict) -> list[str]:
+    """One line per model whose speed-up as deployed falls well below its MACs reduction, and why."""
+    notes = []
+    for r in _deployed_rows(speed):
+        reason = slow_reason(r)
+        if reason is not None:
+            notes.append(f"- {_model_label(r['model'])}, batch {r['batch']}: {r['speedup']:.2f}× for "
+                         f"{r['macs_reduction']:.2f}× fewer MACs ({r['speedup_per_macs']:.2f} of it): {reason}.")
+    return notes
+
+
+def _times(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.2f}×"
+
+
+def _fraction(value: Optional[float]) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _speed_table_v1(speed: dict) -> str:
     lines = ["| Batch | Base latency (ms) | Pruned latency (ms) | Base img/s | Pruned img/s | Speed-up |",
              "|---|---|---|---|---|---|"]
     for r in speed["rows"]:
         lines.append(f"| {r['batch']} | {r['base_latency_ms']:.3f} | {r['pruned_latency_ms']:.3f} | "
                      f"{r['base_throughput']:.0f} | {r['pruned_throughput']:.0f} | {r['speedup']:.2f}× |")
     return "\n".join(lines)
+
+
+def speed_section(speed: dict, macs_ratio: float) -> list[str]:
+    """report.md's "Inference speed" section."""
+    if speed.get("version", 1) < 2:
+        return ["## Inference speed", "", f"Medians of repeated timings on {speed['device_name']} ({speed['device']}, "
+                f"{_threads(speed)}); MACs ratio ×{macs_ratio:.3f}.", "", _speed_table_v1(speed), ""]
+    if not speed["measured"]:
+        return ["## Inference speed", "", f"Deploy target **{speed['deploy']}**: {speed['reason']}.", ""]
+    threads = (f", {' and '.join(str(t) for t in speed['threads'])} CPU thread(s)" if speed.get("threads") else "")
+    return ["## Inference speed", "",
+            f"Deploy target **{speed['deploy']}** ({speed['precision']}), timed after the last fine-tune on "
+            f"{speed['device_name']} ({speed['device']}{threads}): medians of at least {MIN_REPEATS} timed passes "
+            "after warm-up, every model's passes taking turns. Speed-up is over the unpruned base; the last column "
+            "is that speed-up as a fraction of the model's MACs reduction (1: the time fell as much as the MACs).",
+            "", speed_table(speed), "", *speed_notes(speed), ""]
 
 
 def markdown(summary: dict, trials: list[dict], groups: list[dict], plots: Sequence[str]) -> str:
@@ -253,15 +388,12 @@ def markdown(summary: dict, trials: list[dict], groups: list[dict], plots: Seque
              f"**{p['top1']:.2f}%** after fine-tuning.",
              f"- ΔG {p['delta_g_before_finetune']:.4f} before fine-tuning (≤ τ), "
              f"{p['delta_g_after_finetune']:.4f} after.", "",
-             "## Comparison", "", arms_table(s["arms"]), "",
+             "## Comparison", "", arms_table(s["arms"]), "", *_macs_match(s["arms"]),
              "All arms share one fine-tune recipe: "
              f"{s['config']['finetune']['epochs']} epochs, batch {s['config']['finetune']['batch_size']}, "
              f"lr {s['config']['finetune']['lr']:g}. No decision looked at the test split.", ""]
     if s.get("speed"):
-        sp = s["speed"]
-        lines += ["## Inference speed", "",
-                  f"Medians of repeated timings on {sp['device_name']} ({sp['device']}, {_threads(sp)}); "
-                  f"MACs ratio ×{p['macs_ratio']:.3f}.", "", speed_table(sp), ""]
+        lines += speed_section(s["speed"], p["macs_ratio"])
     steps = sorted((t for t in trials if t["kind"] == "step"), key=lambda t: t["step"])
     lines += ["## Controller steps", "", "| t | r_t | ΔG_t | accepted | MACs (M) |", "|---|---|---|---|---|"]
     for t in steps:
@@ -277,7 +409,9 @@ def markdown(summary: dict, trials: list[dict], groups: list[dict], plots: Seque
     captions = {"probes": "ΔG probe sample with G_noise and τ", "probe_accuracy": "Probes: ΔG vs top-1 drop",
                 "trajectory": "Controller trajectory",
                 "groups": "Per-group pruning ratios", "accuracy_macs": "Top-1 vs MACs of fine-tuned trials",
-                "speed": "Inference throughput, base vs pruned", "timeline": "Stages on one time axis"}
+                "speed": "Inference throughput as deployed, every arm against the base",
+                "accuracy_latency": "Top-1 vs measured latency of fine-tuned trials",
+                "timeline": "Stages on one time axis"}
     lines += [f"![{captions[name]}](plots/{name}.png)" for name in plots]
     if s.get("timeline"):  # start and end of each stage: what overlapped (plots/timeline.png draws it)
         lines += ["", "## Stage times", "", timeline_table(s["timeline"])]

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ..core.deploy import slow_reason
+
 
 def run_bench(output: str, quick: bool, device: Optional[str] = None, job: Optional[str] = None,
               pairs: int = 1) -> dict[str, Any]:
@@ -192,11 +194,13 @@ def _pipeline_rows(result: dict[str, Any]) -> list[str]:
     speed, kept = pl.get("speed") or {}, pl.get("macs_ratio")
     if kept:
         lines.append(f"| pruned model's MACs kept (its MACs reduction) | {kept:.3f} ({1 / kept:.2f}×) |")
-    return lines + _speed_rows(speed, kept)
+    return lines + _speed_rows(speed, kept) + _frontier_rows(pl.get("frontier") or [])
 
 
 def _speed_rows(speed: dict[str, Any], kept: Optional[float]) -> list[str]:
     """Inference latency and throughput, base against pruned, by batch; each speed-up beside the MACs reduction."""
+    if speed.get("version", 1) >= 2:
+        return _deployed_speed_rows(speed)
     lines = []
     for row in speed.get("rows", []):
         lines.append(f"| inference batch {row['batch']} ({speed['device_name']}, {_threads(speed['threads'])}): "
@@ -207,6 +211,38 @@ def _speed_rows(speed: dict[str, Any], kept: Optional[float]) -> list[str]:
             lines.append(f"| … batch {row['batch']} speed-up as a fraction of the MACs reduction | "
                          f"{row['speedup'] * kept:.2f} |")
     return lines
+
+
+def _frontier_rows(frontier: list[dict[str, Any]]) -> list[str]:
+    """Accuracy against measured latency, every arm (the report's accuracy_latency.png, as rows)."""
+    return [f"| accuracy vs latency: {a['method']}: top-1 (%), MACs (M), latency b1 (ms), speed-up b{a['speed_batch']} | "
+            f"{a['top1']:.2f}, {a['macs_m']:.3f}, {a['latency_ms']:.3f}, {a['speedup']:.2f}× |"
+            for a in frontier if a.get("latency_ms") is not None]
+
+
+def _deployed_speed_rows(speed: dict[str, Any]) -> list[str]:
+    """The speed stage's figures (``core.speed.deploy_speed``): every timed model against the base, per engine,
+    precision, threads and batch, with its speed-up as a fraction of its MACs reduction and, where that is far below
+    1, why."""
+    if not speed["measured"]:
+        return [f"| inference as deployed ({speed['deploy']}) | {speed['reason']} |"]
+    lines = []
+    for r in speed["rows"]:
+        if r["model"] == "base":
+            continue
+        where = f"{speed['device_name']}, {r['precision']}, {r['engine']}" + (
+            f", {_threads(r['threads'])}" if r["threads"] else "")
+        lines.append(f"| inference {r['model']} batch {r['batch']} ({where}): latency (ms), img/s, speed-up, as a "
+                     f"fraction of the MACs reduction | {r['latency_ms']:.2f}, {r['throughput']:.0f}, "
+                     f"{r['speedup']:.2f}×, {_fraction(r.get('speedup_per_macs'))} |")
+        reason = slow_reason(r)
+        if reason:
+            lines.append(f"| … why | {reason} |")
+    return lines
+
+
+def _fraction(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def _threads(n: int) -> str:

@@ -182,6 +182,8 @@ def pipeline_split(job: dict[str, Any], memory: bool = True) -> dict[str, Any]:
             "peak_pss_gib": sampler.peak / 2**30 if memory else None, "gpu_busy": sampler.gpu_busy, "r_star": summary["controller"]["r_star"],
             "tau": summary["tau"], "baseline_top1": summary["baseline"]["top1"], "top1": summary["pruned"]["top1"],
             "macs_ratio": summary["pruned"]["macs_ratio"], "speed": summary.get("speed"),
+            "frontier": [{k: a.get(k) for k in ("arm", "method", "top1", "macs_m", "latency_ms", "speedup", "speed_batch")}
+                         for a in summary.get("arms", [])],
             "timeline": summary.get("timeline"), "resources": summary["resources"],
             "train_device": summary["provenance"]["hardware"]["device"]}
 
@@ -197,7 +199,8 @@ def in_process(job: dict[str, Any]) -> dict[str, Any]:
     result = adaptive_prune(spec.model.name, spec.data.name, spec.data.name, method=spec.method_config(),
                             baseline=baseline, finetune_cfg=spec.finetune_config(), width=spec.model.width,
                             weights=spec.model.weights, input_size=spec.model.input_size,
-                            data_dir=spec.data.data_dir, download=spec.data.download)
+                            data_dir=spec.data.data_dir, download=spec.data.download, deploy=spec.deploy,
+                            speed=spec.protocol.speed)  # the Ray side's speed stage times the same arm
     s = result.summary
     return {"wall_s": time.perf_counter() - started, "threads": torch.get_num_threads(), "timings_s": s["timings_s"],
             "r_star": s["controller"]["r_star"], "tau": s["tau"], "baseline_top1": s["baseline"]["top1"],

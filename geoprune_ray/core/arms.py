@@ -3,7 +3,7 @@
 Each ``@register_arm`` function chooses its arm's pruning once the controller has stopped (from training data only:
 the run's τ, r*, Adaptive GC's allocation and measurements of pruned copies of the base) and returns an ``ArmPlan``.
 The registration carries the rest of what the arm is: its label in tables and plots, its colour, its fixed budget
-(GC's τ = 0.07; Adaptive GC's is the run's τ), and whether its architecture is timed for the speed table. The
+(GC's τ = 0.07; Adaptive GC's is the run's τ), and whether its fine-tuned model is timed in the speed stage. The
 registry's order is the order of the paper's table; a job runs the arms its spec names (``default_arms()`` when it
 names none), Adaptive GC first. ``core.protocol.settle_arms`` settles them; the report, the evidence table, the
 summary's arms rows and the job spec's check all read the registry.
@@ -70,14 +70,14 @@ class Arm:
     color: str  # matplotlib colour in the plots
     choose: Callable[[Settling], ArmPlan]
     budget: Optional[float] = None  # a fixed ΔG budget; None: the run's τ (Adaptive GC) or no budget
-    timed: bool = False  # its architecture is timed against the base (``summary["speed"]``)
+    timed: bool = True  # its fine-tuned model is timed against the base as deployed (the speed stage)
 
 
 ARMS: dict[str, Arm] = {}
 ADAPTIVE = "adaptive"  # the method itself: every job runs it, and the others are settled after it
 
 
-def register_arm(name: str, label: str, color: str, budget: Optional[float] = None, timed: bool = False):
+def register_arm(name: str, label: str, color: str, budget: Optional[float] = None, timed: bool = True):
     """Register an arm's ``choose(Settling) → ArmPlan`` under ``name`` (the name job specs and tables use)."""
 
     def deco(choose: Callable[[Settling], ArmPlan]) -> Callable[[Settling], ArmPlan]:
@@ -124,7 +124,7 @@ def _gc(s: Settling) -> ArmPlan:
     return ArmPlan("gc", r, r, rec["delta_g"], rec["macs"], rec["params"], GC_BUDGET)
 
 
-@register_arm(ADAPTIVE, "Adaptive GC", "tab:blue", timed=True)
+@register_arm(ADAPTIVE, "Adaptive GC", "tab:blue")
 def _adaptive(s: Settling) -> ArmPlan:
     """The method: the per-group allocation at r* (its ΔG taken from the controller's step at r* when it has one)."""
     if s.at_r_star is not None and s.adaptive_ratios:

@@ -21,6 +21,7 @@ from torch import nn
 from .artifact import ModelCard
 from .config import MethodConfig, TrainConfig
 from .data import Dataset
+from .deploy import DEFAULT as DEFAULT_DEPLOY
 from .geometry import GeometryMeter
 from . import arms as arm_registry
 from .arms import ArmPlan, MeasureMany, Settling
@@ -142,11 +143,6 @@ def settle_arms(arms: Sequence[str], r_star: float, adaptive: Mapping[str, float
     return {arm: plans[arm] for arm in arms}
 
 
-def timed_plan(plans: Mapping[str, ArmPlan]) -> ArmPlan:
-    """The plan whose architecture is timed against the base (``core.arms``: the arm registered ``timed``)."""
-    return next(plan for name, plan in plans.items() if arm_registry.ARMS[name].timed)
-
-
 # ---------------------------------------------------------------- fine-tune one arm
 
 
@@ -229,15 +225,16 @@ def summary(card: ModelCard, train_set: Dataset, test_set: Dataset, calibration_
             baseline_cfg: Optional[TrainConfig], finetune_cfg: TrainConfig, noise: float, budget: float,
             probes: Sequence[Mapping[str, Any]], ctl: Controller, channels: Mapping[str, int],
             adaptive: ArmPlan, result: Mapping[str, Any], base: Mapping[str, Any], timings: Mapping[str, float],
-            provenance: Mapping[str, Any]) -> dict[str, Any]:
-    """The summary's common part: what the method decided and what the Adaptive GC model measures."""
+            provenance: Mapping[str, Any], deploy: str = DEFAULT_DEPLOY) -> dict[str, Any]:
+    """The summary's common part: what the method decided and what the Adaptive GC model measures. ``deploy``: the
+    target the channel counts were rounded for (``core.deploy``; ``cfg.round_to`` is the multiple used)."""
     ratios = adaptive.ratios if isinstance(adaptive.ratios, Mapping) else {}
     return {
         "schema_version": SCHEMA_VERSION,
         "model": card.to_dict(),
         "dataset": {"name": train_set.name, "train_size": len(train_set), "test_size": len(test_set),
                     "calibration_size": calibration_size},
-        "config": {"method": cfg.to_dict(), "epsilon_used": epsilon_of(noise, cfg),
+        "config": {"method": cfg.to_dict(), "epsilon_used": epsilon_of(noise, cfg), "deploy": deploy,
                    "baseline": baseline_cfg.to_dict() if baseline_cfg else None, "finetune": finetune_cfg.to_dict()},
         "g_noise": noise,
         "tau": budget,

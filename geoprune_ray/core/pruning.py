@@ -75,17 +75,24 @@ def dependency_groups(model: nn.Module, input_shape: Sequence[int], num_classes:
     return [GroupInfo(name, channels, modules) for (_, name), channels, modules in sorted(roots)]
 
 
+def rounds(channels: int, round_to: Optional[int] = None) -> bool:
+    """Whether a group's kept count is rounded (METHOD.md §5): only in groups of at least 4 × ``round_to`` channels,
+    where a multiple of ``round_to`` is a fine enough step (``round_to`` None or 1: never)."""
+    return bool(round_to) and round_to > 1 and channels >= 4 * round_to
+
+
 def kept_channels(channels: int, ratio: float, round_to: Optional[int] = None) -> int:
-    """Channels a group keeps at ``ratio``: at least one, a multiple of ``round_to`` where set."""
+    """Channels a group keeps at ``ratio``: at least one; in a group that ``rounds``, the nearest multiple of
+    ``round_to`` (halves up, i.e. towards keeping more), at least ``round_to``."""
     keep = max(1, channels - int(round(channels * ratio)))
-    if round_to and channels >= round_to and keep < channels:
-        keep = max(round_to, keep - keep % round_to)
+    if rounds(channels, round_to) and keep < channels:
+        keep = min(channels, max(round_to, (2 * keep + round_to) // (2 * round_to) * round_to))
     return keep
 
 
 def rounding_step(channels: int, round_to: Optional[int] = None) -> int:
     """The smallest change of a group's kept count that ``kept_channels`` can produce."""
-    return round_to if round_to and channels >= round_to else 1
+    return round_to if rounds(channels, round_to) else 1
 
 
 def check_ratio(name: str, ratio: float) -> None:

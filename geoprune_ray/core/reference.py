@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from ..errors import GeopruneError
+from .arms import ADAPTIVE
 from .config import MethodConfig, TrainConfig, finetune_defaults
 from .data import Dataset, load_dataset
+from .deploy import DEFAULT as DEFAULT_DEPLOY, with_rounding
 from .geometry import Calibration, GeometryMeter
 from . import protocol
 from .method import PruneTarget, allocate, measure, probe_ratios, weighted_ratio
@@ -32,6 +34,7 @@ from .artifact import ModelCard, save_pruned
 from .pruning import dependency_groups, macs_params
 from .provenance import provenance  # also importable from here, kept for one release (issue 14)
 from .rundir import write_json  # also importable from here, kept for one release (issue 14)
+from .speed import deploy_speed
 from .train import evaluate, pick_device, train
 
 log = logging.getLogger("geoprune_ray")
@@ -98,14 +101,18 @@ def adaptive_prune(model: nn.Module | str, train_set: Dataset | str, test_set: D
                    method: Optional[MethodConfig] = None, baseline: Optional[TrainConfig] = None,
                    finetune_cfg: Optional[TrainConfig] = None, width: float = 1.0, weights: Optional[str] = None,
                    input_size: Optional[int] = None, data_dir: Optional[str] = None, download: bool = False,
-                   arch: str = "", device: str | torch.device | None = None) -> PruneResult:
+                   arch: str = "", device: str | torch.device | None = None,
+                   deploy: str = DEFAULT_DEPLOY, speed: bool = True) -> PruneResult:
     """Prune ``model`` as far as the geometry of its classes allows, fine-tune it, and report.
 
     ``model`` is an ``nn.Module`` or a zoo name; the datasets are objects or registry names.
     ``baseline`` trains the model first (leave it None for an already trained model);
     ``finetune_cfg`` is the fine-tune recipe (default: 5 epochs, see ``finetune_defaults``).
+    ``deploy`` names where the pruned model will run (``core.deploy``: ``cpu``, ``cuda``, ``cuda-bf16``): kept
+    channel counts are rounded for it unless ``method.round_to`` is set (1: no rounding); with ``speed`` the pruned
+    model is then timed against the base as that target runs it (``summary["speed"]``).
     """
-    cfg = method or MethodConfig()
+    cfg = with_rounding(method or MethodConfig(), deploy)
     ft_cfg = finetune_cfg or finetune_defaults()
     device = pick_device(device)
     torch.manual_seed(cfg.seed)  # a zoo model is initialised as the Ray pipeline initialises it
@@ -119,7 +126,10 @@ def adaptive_prune(model: nn.Module | str, train_set: Dataset | str, test_set: D
     run.sensitivity()
     run.controller()
     pruned, history, result = run.finetune(ft_cfg)
-    return PruneResult(pruned, history, card, run.summary(baseline, ft_cfg, result))
+    timed = run.speed(pruned, result, deploy) if speed else None
+    summary = run.summary(baseline, ft_cfg, result, deploy)
+    summary["speed"] = timed
+    return PruneResult(pruned, history, card, summary)
 
 
 class _LocalRun:
@@ -211,14 +221,22 @@ class _LocalRun:
         self._lap("finetune")
         return out
 
-    def summary(self, baseline: Optional[TrainConfig], ft_cfg: TrainConfig,
-                result: protocol.ArmResult) -> dict[str, Any]:
+    def speed(self, pruned: nn.Module, result: protocol.ArmResult, deploy: str) -> dict[str, Any]:
+        """The fine-tuned model against the base, timed as ``deploy`` runs it (``core.speed.deploy_speed``)."""
+        log.info("timing the base and the pruned model as %s runs them", deploy)
+        record = deploy_speed(self.base, {ADAPTIVE: pruned}, self.card.input_shape, deploy,
+                              macs={"base": self.base_figures["macs"], ADAPTIVE: result.macs})
+        self._lap("speed")
+        return record
+
+    def summary(self, baseline: Optional[TrainConfig], ft_cfg: TrainConfig, result: protocol.ArmResult,
+                deploy: str = DEFAULT_DEPLOY) -> dict[str, Any]:
         """The protocol's summary, with the probes, each group's sensitivity and the controller's state."""
         base = self.base_figures
         summary = protocol.summary(self.card, self.train_set, self.test_set, len(self.meter.calibration.labels),
                                    self.cfg, baseline, ft_cfg, self.noise, self.budget, self.probe_rows, self.ctl,
                                    self.channels, self.plan, result.to_dict(), dict(base), self.timings,
-                                   provenance(self.device))
+                                   provenance(self.device), deploy)
         summary["probes"] = self.probe_rows
         summary["sensitivity"] = [{"group": g.name, "channels": g.channels, "modules": g.modules,
                                    "delta_g": self.sens[g.name], "tau_l": self.budgets[g.name],

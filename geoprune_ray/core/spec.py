@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Literal, Mapping, Optional
 
 import yaml
 
@@ -25,6 +25,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from .config import MethodConfig, Seed, Spec, TrainConfig, finetune_defaults
+from .deploy import DEFAULT, DEPLOY_HINT, TARGETS, with_rounding
 from .arms import ADAPTIVE, ARMS, default_arms
 from ..errors import GeopruneError
 
@@ -68,6 +69,7 @@ class ProtocolSpec(_Part):
     finetune_all: bool = False  # also fine-tune every accepted controller candidate
     probe_accuracy: bool = False  # also measure each probe's top-1 on the test split (Spearman(ΔG, drop))
     step_capture: bool = False  # compile the training step (CUDA graphs on a GPU): TrainConfig.capture
+    speed: bool = True  # time every fine-tuned model as ``deploy`` runs it, after the last fine-tune (a stage of its own)
 
     @field_validator("arms", mode="before")
     @classmethod
@@ -111,6 +113,7 @@ class ResourceSpec(_Part):
 
 class JobSpec(Spec):
     KIND: ClassVar[str] = "job-spec"
+    HINTS: ClassVar[dict[str, str]] = {"deploy": DEPLOY_HINT}
 
     name: str = "geoprune"
     model: ModelSpec = Field(default_factory=ModelSpec)
@@ -118,6 +121,7 @@ class JobSpec(Spec):
     protocol: ProtocolSpec = Field(default_factory=ProtocolSpec)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     method: dict[str, Any] = Field(default_factory=dict)  # overrides of MethodConfig, recorded as given
+    deploy: Literal[tuple(TARGETS)] = DEFAULT  # where the pruned model will run: rounding and what is timed
     seed: Seed = 0
 
     @classmethod
@@ -137,7 +141,10 @@ class JobSpec(Spec):
         return self
 
     def method_config(self) -> MethodConfig:
-        return MethodConfig.from_dict({"seed": self.seed, **self.method}, where="method.", kind=self.KIND)
+        """The method's settings: the overrides over METHOD.md's defaults, with the deploy target's channel rounding
+        unless ``method.round_to`` is given."""
+        cfg = MethodConfig.from_dict({"seed": self.seed, **self.method}, where="method.", kind=self.KIND)
+        return with_rounding(cfg, self.deploy)
 
     def baseline_config(self) -> TrainConfig:
         p = self.protocol

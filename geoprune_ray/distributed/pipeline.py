@@ -9,15 +9,18 @@ starting as soon as its inputs exist:
   the controller);
 - when it stops, every arm's ratios are settled on the actors and published, and the actors are given back;
 - the arms' fine-tunes run side by side as trials through Ray Train, each measuring its own ΔG and
-  top-1 before and after → ``trials.parquet``, ``model/``, ``summary.json`` (and ``report.md``, rendered by the
-  caller's ``report``).
+  top-1 before and after;
+- once the last has finished, every fine-tuned model is timed against the base as the job's ``deploy`` target runs it
+  (one task, ``distributed.speed``) → ``trials.parquet``, ``model/``, ``summary.json`` (and ``report.md``, rendered by
+  the caller's ``report``).
 
 Each finished stage is recorded in ``state.json`` with its outputs, so a driver that was killed
 resumes from the run directory: finished stages are read back, and the Tune experiment is restored
 with ``Tuner.restore``.
 
 ``Pipeline`` holds the run's record; its stage methods (``_setup``, ``_baseline``, ``_experiment`` with
-``_search_thread`` and the converged hook's ``_settle``, ``_collect``, ``_artifacts``) share one ``RunContext``.
+``_search_thread`` and the converged hook's ``_settle``, ``_collect``, ``_speed``, ``_artifacts``) share one
+``RunContext``.
 Which Ray the driver joins is ``cluster``'s; how much of it each part takes is ``resources``'; the protocol's
 decisions and the summary are ``core.protocol``'s; the arms are ``core.arms``'.
 """
@@ -44,6 +47,7 @@ from torch import nn
 from ..core import arms as arm_registry
 from ..core import protocol
 from ..core.data import Dataset
+from ..core.deploy import headline
 from ..core.geometry import Calibration
 from ..core.method import Controller, PruneTarget, probe_ratios
 from ..core.protocol import SCHEMA_VERSION
@@ -60,17 +64,18 @@ from .guard import SIGNALS, RunLock, failpoint
 from .launch import fit, join_teardowns, load_checkpoint
 from .probes import START_TIMEOUT_S, PoolSpec, PoolStarter, ProbePool, actor_restarts
 from .progress import Progress
-from .resources import (Resources, finetune_scaling, gpu_shares, prelaunch, sensitivity_tasks, side_by_side,
-                        wait_for_gpus, whole_nodes)
+from .resources import (Resources, finetune_scaling, gpu_shares, largest_node_cpus, prelaunch, sensitivity_tasks,
+                        side_by_side, wait_for_gpus, whole_nodes)
 from .scaling import Scaling
 from .searcher import SEARCHED, RatioSearcher, on_converged, provide
 from .sensitivity import by_group, submit_sensitivity
+from .speed import time_models
 from .trial import TrialContext, search_trial
 
 # Moved out of this module by issue 14 (to ``cluster``, ``resources``, ``probes``, ``core.protocol``); importable from
 # here for one release.
 from .cluster import check_gcs_address, disconnect  # noqa: E402
-from .resources import GpuShares, baseline_scaling, largest_node_cpus  # noqa: E402
+from .resources import GpuShares, baseline_scaling  # noqa: E402
 from ..core.protocol import replay_controller, spearman  # noqa: E402
 
 __all__ = ["EXPERIMENT", "STATE", "TRIAL_COLUMNS", "Pipeline", "RunContext", "run_job",
@@ -85,6 +90,7 @@ EXPERIMENT = "controller"
 TRIAL_COLUMNS = ["trial_id", "kind", "arm", "step", "r", "delta_g", "accepted", "macs", "params", "ray_train",
                  "top1", "top1_before_finetune", "delta_g_after", "pid", "actor", "threads", "train_device",
                  "train_gpu_ids", "resumed_from_epoch", "launched", "started", "finished"]
+SPEED_COLUMNS = ["latency_ms", "throughput", "speedup", "speedup_per_macs", "speed_batch"]  # as deployed (``_speed``)
 
 
 @dataclasses.dataclass
@@ -198,6 +204,7 @@ class Pipeline:
             try:
                 self._baseline(ctx)
                 self._experiment(ctx)
+                self._speed(ctx)
                 return self._artifacts(ctx)
             finally:
                 join_teardowns(ctx.teardowns)
@@ -390,6 +397,25 @@ class Pipeline:
         self.timings["finetune_trials"] = _wall(list(arms.values()))
         ctx.ctl, ctx.plans, ctx.arms, ctx.trials = ctl, plans, arms, [*step_trials, *arms.values()]
 
+    def _speed(self, ctx: RunContext) -> None:
+        """Every fine-tuned model (each arm; each accepted step with ``finetune_all``) against the base, timed as the
+        deploy target runs it, in one task after the last fine-tune (``distributed.speed``): a stage of its own."""
+        if self.stage("speed") or not self.spec.protocol.speed:
+            return
+        started = time.time()
+        tuned = {**{arm: t for arm, t in ctx.arms.items() if arm_registry.ARMS[arm].timed},
+                 **{f"step {t['step']}": t for t in ctx.trials if t["kind"] == "step" and t.get("ray_train")}}
+        log.info("stage speed: timing the base and %d fine-tuned model(s) as %s runs them", len(tuned),
+                 self.spec.deploy)
+        join_teardowns(ctx.teardowns)  # nothing of the run's own still winding down beside the timing
+        failpoint("speed:start")
+        record = time_models(ctx.card.to_dict(), ray.put(ctx.model.state_dict()),
+                             {name: t["checkpoint_path"] for name, t in tuned.items()}, self.spec.deploy,
+                             {"base": ctx.base_macs, **{name: t["macs"] for name, t in tuned.items()}},
+                             largest_node_cpus(), ray.available_resources().get("CPU", 0.0),
+                             ray.cluster_resources().get("GPU", 0.0))
+        self._done("speed", started, record=record)
+
     def _converged_hook(self, ctx: RunContext, arms_wanted: list[str]) -> Callable[[Controller], None]:
         """What the searcher calls (in this driver, from Tune's loop) once the controller has stopped: ``_settle``,
         once. An error is kept in ``ctx.settled`` (the fine-tunes fail on the board) and raised once the experiment
@@ -429,11 +455,7 @@ class Pipeline:
 
             plans = protocol.settle_arms(arms_wanted, r_star, final_ratios, found["budget"], ctx.channels, cfg,
                                          measure_many, ctx.base_macs, ctx.base_params, protocol.step_at(ctl, r_star))
-            timed = protocol.timed_plan(plans)
-            log.info("stage speed: timing the base and the %s architecture on a probe actor's device",
-                     arm_registry.ARMS[timed.arm].label)
-            speed = ray.get(pool.actors[0].speed.remote(timed.ratios or 0.0))
-            self._done("arms", arms_started, plans={arm: plan.to_dict() for arm, plan in plans.items()}, speed=speed)
+            self._done("arms", arms_started, plans={arm: plan.to_dict() for arm, plan in plans.items()})
             failpoint("arms:end")
         ray.get(ctx.progress.board.publish.remote(self.stage("arms")["plans"]))
         ctx.settled["published"] = time.time()
@@ -488,8 +510,10 @@ class Pipeline:
         report through ``self.report``."""
         failpoint("artifacts:start")
         started = time.time()
-        self.run.write_table("trials.parquet", [{col: t.get(col) for col in TRIAL_COLUMNS + ["error", "checkpoint_path"]}
-                                                for t in ctx.trials])
+        speed = (self.stage("speed") or {}).get("record") or {}
+        self.run.write_table("trials.parquet", [
+            {**{col: t.get(col) for col in TRIAL_COLUMNS + ["error", "checkpoint_path"]},
+             **{col: _timed(speed, t).get(col) for col in SPEED_COLUMNS}} for t in ctx.trials])
         adaptive = ctx.arms[arm_registry.ADAPTIVE]
         final = load_checkpoint(adaptive["checkpoint_path"])
         pruned = replay_pruning(ctx.card.build(), final["history"], ctx.card.input_shape)
@@ -519,12 +543,14 @@ class Pipeline:
         """``core.protocol.summary`` with what only this path has: the job, the resources, the arms, the time line."""
         spec, res, arms = self.spec, ctx.res, ctx.arms
         adaptive = arms[arm_registry.ADAPTIVE]
+        speed = (self.stage("speed") or {}).get("record") or {}
         probes = ctx.found["probes"]
         summary = protocol.summary(ctx.card, ctx.train_set, ctx.test_set, len(ctx.calibration.labels), self.cfg,
                                    spec.baseline_config(), spec.finetune_config(), ctx.found["noise"],
                                    ctx.found["budget"], probes, ctx.ctl, ctx.channels, ctx.plans[arm_registry.ADAPTIVE],
                                    adaptive, {"top1": baseline_top1, "macs": ctx.base_macs, "params": ctx.base_params},
-                                   self.timings, provenance(torch.device(adaptive.get("train_device") or "cpu")))
+                                   self.timings, provenance(torch.device(adaptive.get("train_device") or "cpu")),
+                                   spec.deploy)
         summary["config"]["overrides"] = dict(spec.method)
         summary.update({
             "run_id": self.run_id,
@@ -537,8 +563,9 @@ class Pipeline:
                                                    if row.get("gpu_ids") is not None})},
             "probe_accuracy": ({k: self.stage("probes")[k] for k in ("base_top1", "spearman_delta_g_top1_drop")}
                                if "base_top1" in self.stage("probes") else None),
-            "arms": [protocol.arm_row(ctx.plans[name], arms[name]) for name in spec.protocol.arms if name in arms],
-            "speed": self.stage("arms")["speed"],
+            "arms": [{**protocol.arm_row(ctx.plans[name], arms[name]), **headline(speed, name)}
+                     for name in spec.protocol.arms if name in arms],
+            "speed": (self.stage("speed") or {}).get("record"),
             "timeline": self.timeline(ctx.trials),
         })
         return summary
@@ -624,6 +651,13 @@ def _tune_console_quiet() -> Iterator[None]:
             os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         else:
             os.environ["RAY_AIR_NEW_OUTPUT"] = before
+
+
+def _timed(speed: dict[str, Any], trial: dict[str, Any]) -> dict[str, Any]:
+    """A fine-tuned trial's figures from the speed stage (``core.deploy.headline``); nothing for the others."""
+    if not trial.get("ray_train"):
+        return {}
+    return headline(speed, trial["arm"] if trial["kind"] == "finetune" else f"step {trial['step']}")
 
 
 def _jsonable(data: Any) -> Any:

@@ -22,7 +22,6 @@ from torch import nn
 from ..core.geometry import Calibration, GeometryMeter, Reference, measure_reference, torch_threads
 from ..core.method import PruneTarget, measure
 from ..core.pruning import macs_params, prune_copy
-from ..core.speed import compare_speed
 from ..core.train import keep_heap
 from ..errors import GeopruneError
 from .holder import SharedObjects, actor_name, fetch, holder_name, share
@@ -89,14 +88,6 @@ class ProbeActor:
         extra = {} if res.top1 is None else {"top1": res.top1}
         return {"delta_g": res.delta_g, "macs": res.macs, "params": res.params, "seconds": res.seconds,
                 "threads": used, **extra, **self.identity}
-
-    def speed(self, ratios: Mapping[str, float] | float, budget_s: float = 0.5) -> dict[str, Any]:
-        """Inference speed of the base against its copy pruned with ``ratios`` on this actor's device (speed depends
-        on the architecture, not on the weights: it is timed before any fine-tune, while the actor is warm)."""
-        self.load()
-        pruned, _ = prune_copy(self.base, ratios, self.target.input_shape, self.target.num_classes,
-                               self.target.importance, self.target.round_to)
-        return compare_speed(self.base, pruned, self.target.input_shape, self.device, budget_s=budget_s)
 
     def size(self, ratios: Mapping[str, float] | float) -> dict[str, int]:
         """MACs and params of the base pruned with ``ratios`` (no ΔG)."""
