@@ -57,3 +57,20 @@ def test_a_speed_up_far_below_the_macs_reduction_says_why():
     assert "latency-bound at batch 1" in slow_reason({**row, "batch": 1})
     assert "overhead-bound" in slow_reason({**row, "latency_ms": 0.1})
     assert slow_reason({**row, "speedup_per_macs": 0.9}) is None and slow_reason({**row, "model": "base"}) is None
+
+
+def test_a_model_onnx_cannot_export_is_timed_in_eager_only_and_says_why(monkeypatch):
+    from geoprune_ray.core import speed
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported operator aten::made_up")
+
+    monkeypatch.setattr(speed, "_export_onnx", refuse)
+    torch.manual_seed(0)
+    base = build_model("convnet", 10, width=0.25).eval()
+    record = deploy_speed(base, {}, SHAPE, "cpu", cpus=1, budget_s=0.0)
+    assert {r["engine"] for r in record["rows"]} == {"eager"}
+    assert record["skipped"] == {"onnxruntime": "export failed: unsupported operator aten::made_up"}
+    from geoprune_ray.app.report import speed_section
+
+    assert "- onnxruntime not timed: export failed: unsupported operator aten::made_up." in speed_section(record, 1.0)

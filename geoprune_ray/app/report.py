@@ -364,7 +364,8 @@ def speed_section(speed: dict, macs_ratio: float) -> list[str]:
             f"{speed['device_name']} ({speed['device']}{threads}): medians of at least {MIN_REPEATS} timed passes "
             "after warm-up, every model's passes taking turns. Speed-up is over the unpruned base; the last column "
             "is that speed-up as a fraction of the model's MACs reduction (1: the time fell as much as the MACs).",
-            "", speed_table(speed), "", *speed_notes(speed), ""]
+            "", speed_table(speed), "", *speed_notes(speed),
+            *[f"- {engine} not timed: {why}." for engine, why in (speed.get("skipped") or {}).items()], ""]
 
 
 def markdown(summary: dict, trials: list[dict], groups: list[dict], plots: Sequence[str]) -> str:

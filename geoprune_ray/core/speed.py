@@ -108,17 +108,26 @@ def _row(name: str, engine: str, precision: str, threads: Optional[int], batch: 
 
 def time_cpu(base: nn.Module, models: Mapping[str, nn.Module], input_shape: Sequence[int],
              threads: Sequence[int], batches: Sequence[int] = CPU_BATCHES, engines: Sequence[str] = ENGINES_CPU,
-             min_repeats: int = MIN_REPEATS, budget_s: float = 1.0) -> list[dict[str, Any]]:
+             min_repeats: int = MIN_REPEATS, budget_s: float = 1.0,
+             skipped: Optional[dict[str, str]] = None) -> list[dict[str, Any]]:
     """Every model against the base on this CPU, fp32: per thread count, engine (eager PyTorch, ONNX Runtime on the
-    exported model) and batch, the models' passes taking turns."""
+    exported model) and batch, the models' passes taking turns. Given ``skipped``, an engine that cannot take the
+    models (an ONNX export that fails) is left out and said there, instead of raising."""
     import tempfile
 
     device = torch.device("cpu")
     named = {"base": base.cpu().eval(), **{n: m.cpu().eval() for n, m in models.items()}}
     rows = []
     with tempfile.TemporaryDirectory(prefix="geoprune-speed-") as folder:
-        exported = ({n: _export_onnx(m, input_shape, f"{folder}/{i}.onnx") for i, (n, m) in enumerate(named.items())}
-                    if "onnxruntime" in engines else {})
+        exported = {}
+        if "onnxruntime" in engines:
+            try:
+                exported = {n: _export_onnx(m, input_shape, f"{folder}/{i}.onnx") for i, (n, m) in enumerate(named.items())}
+            except Exception as exc:  # noqa: BLE001 - a model ONNX cannot take is timed in eager PyTorch only
+                if skipped is None:
+                    raise
+                skipped["onnxruntime"] = f"export failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                engines = [e for e in engines if e != "onnxruntime"]
         for t in threads:
             with torch_threads(t):
                 for engine in engines:
@@ -183,7 +192,8 @@ def deploy_speed(base: nn.Module, models: Mapping[str, nn.Module], input_shape: 
     else:
         record["device_name"] = cpu_name()
         record["threads"] = list(cpu_threads(cpus or torch.get_num_threads()))
-        rows = time_cpu(base, models, input_shape, record["threads"], budget_s=budget_s)
+        record["skipped"] = {}
+        rows = time_cpu(base, models, input_shape, record["threads"], budget_s=budget_s, skipped=record["skipped"])
     if macs:
         for row in rows:
             reduction = macs["base"] / macs[row["model"]] if macs.get(row["model"]) else None

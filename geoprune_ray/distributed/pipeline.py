@@ -47,7 +47,7 @@ from torch import nn
 from ..core import arms as arm_registry
 from ..core import protocol
 from ..core.data import Dataset
-from ..core.deploy import headline
+from ..core.deploy import headline, not_measured
 from ..core.geometry import Calibration
 from ..core.method import Controller, PruneTarget, probe_ratios
 from ..core.protocol import SCHEMA_VERSION
@@ -409,11 +409,15 @@ class Pipeline:
                  self.spec.deploy)
         join_teardowns(ctx.teardowns)  # nothing of the run's own still winding down beside the timing
         failpoint("speed:start")
-        record = time_models(ctx.card.to_dict(), ray.put(ctx.model.state_dict()),
-                             {name: t["checkpoint_path"] for name, t in tuned.items()}, self.spec.deploy,
-                             {"base": ctx.base_macs, **{name: t["macs"] for name, t in tuned.items()}},
-                             largest_node_cpus(), ray.available_resources().get("CPU", 0.0),
-                             ray.cluster_resources().get("GPU", 0.0))
+        try:
+            record = time_models(ctx.card.to_dict(), ray.put(ctx.model.state_dict()),
+                                 {name: t["checkpoint_path"] for name, t in tuned.items()}, self.spec.deploy,
+                                 {"base": ctx.base_macs, **{name: t["macs"] for name, t in tuned.items()}},
+                                 largest_node_cpus(), ray.available_resources().get("CPU", 0.0),
+                                 ray.cluster_resources().get("GPU", 0.0))
+        except ray.exceptions.RayTaskError as exc:  # the models are trained and saved: the run goes on without it
+            log.warning("stage speed: the timing failed (%s); the run's models are unaffected", first_line(exc))
+            record = not_measured(self.spec.deploy, f"not measured: the timing failed: {first_line(exc)}")
         self._done("speed", started, record=record)
 
     def _converged_hook(self, ctx: RunContext, arms_wanted: list[str]) -> Callable[[Controller], None]:
