@@ -92,6 +92,7 @@ def test_submit_reaches_succeeded_with_the_artifacts_of_a_local_run(ray_head, fu
     job["protocol"]["finetune_epochs"] = 1
     local, local_summary = full_run  # the same kind of job run locally: the same artifacts
     job["protocol"]["probe_accuracy"] = local_summary["job"]["protocol"]["probe_accuracy"]  # its plots too
+    job["protocol"]["speed"] = local_summary["job"]["protocol"]["speed"]  # and its speed plots (issue 15)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     storage = tmp_path / "run"
     env = _env(RAY_AUTH_TOKEN=token, HOME=str(tmp_path))
