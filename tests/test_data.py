@@ -92,15 +92,15 @@ def test_image_folder(tmp_path):
         load_dataset(f"imagefolder:{tmp_path}", "test")
 
 
-def test_bad_names_and_dirs():
+def test_bad_names_and_dirs(tmp_path):
     with pytest.raises(GeopruneError, match="unknown dataset"):
         load_dataset("mnist-ish", "train")
     with pytest.raises(GeopruneError, match="does not exist"):
         load_dataset("digits", "train", data_dir="/no/such/dir")
     with pytest.raises(GeopruneError, match="unknown split"):
         load_dataset("digits", "validation")
-    with pytest.raises(GeopruneError, match="not found"):
-        load_dataset("cifar10", "train", data_dir="/tmp")
+    with pytest.raises(GeopruneError, match="not found"):  # an empty folder and no download: refused, offline
+        load_dataset("cifar10", "train", data_dir=tmp_path, download=False)
 
 
 def test_the_registry_lists_the_datasets_in_order():
@@ -109,7 +109,7 @@ def test_the_registry_lists_the_datasets_in_order():
         load_dataset("imagefolder", "train")  # a family is named with its argument
 
 
-def test_a_registered_dataset_is_loaded_and_listed(monkeypatch):
+def test_a_registered_dataset_is_loaded_and_listed(monkeypatch, tmp_path):
     """Adding a dataset is one decorated loader; the registration is undone after the test."""
     monkeypatch.setattr(data, "_REGISTRY", dict(data._REGISTRY))
     calls = []
@@ -126,8 +126,8 @@ def test_a_registered_dataset_is_loaded_and_listed(monkeypatch):
         return tiny(split, data_dir, download)
 
     assert list_datasets()[-2:] == ["tiny", "tinies:WHAT"]
-    ds = load_dataset("tiny", "test", download=True)
-    assert ds.name == "tiny" and ds.num_classes == 2 and calls == [("test", None, True)]
+    ds = load_dataset("tiny", "test", data_dir=tmp_path)  # the arguments reach the loader (offline: no download)
+    assert ds.name == "tiny" and ds.num_classes == 2 and calls == [("test", tmp_path, False)]
     assert load_dataset("tinies:x:y", "train").shape == (1, 2, 2) and calls[1] == ("x:y", "train")
     with pytest.raises(GeopruneError, match="unknown dataset 'tinies'"):
         load_dataset("tinies", "train")

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from ..core import arms as arm_registry  # noqa: E402
-from ..core.deploy import MIN_REPEATS, slow_reason  # noqa: E402
+from ..core.deploy import MIN_REPEATS, deployed_rows, slow_reason  # noqa: E402
 from ..core.rundir import RunDir  # noqa: E402
 from ..errors import GeopruneError  # noqa: E402
 
@@ -133,7 +133,7 @@ def plot_speed(speed: dict) -> Figure:
     """Measured throughput of the base and every timed model, one panel per batch size (medians)."""
     if speed.get("version", 1) < 2:
         return _plot_speed_v1(speed)
-    rows = _deployed_rows(speed)
+    rows = deployed_rows(speed)
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(batches), figsize=(3.4 * len(batches), 3.6), squeeze=False)
     for ax, batch in zip(axes[0], batches):
@@ -181,15 +181,6 @@ def plot_accuracy_latency(finetuned: Sequence[dict]) -> Figure:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def _deployed_rows(speed: dict) -> list[dict]:
-    """The rows of the deployed precision, first engine and most threads: what the plot and the arms table show."""
-    rows = [r for r in speed.get("rows", []) if r["precision"] == speed["precision"]]
-    if not rows:
-        return []
-    engine, threads = rows[0]["engine"], max((r["threads"] or 0) for r in rows)
-    return [r for r in rows if r["engine"] == engine and (r["threads"] or 0) == threads]
 
 
 def _model_label(name: str) -> str:
@@ -326,7 +317,7 @@ def speed_table(speed: dict) -> str:
 def speed_notes(speed: dict) -> list[str]:
     """One line per model whose speed-up as deployed falls well below its MACs reduction, and why."""
     notes = []
-    for r in _deployed_rows(speed):
+    for r in deployed_rows(speed):
         reason = slow_reason(r)
         if reason is not None:
             notes.append(f"- {_model_label(r['model'])}, batch {r['batch']}: {r['speedup']:.2f}× for "

@@ -77,14 +77,22 @@ def not_measured(deploy: str, reason: Optional[str] = None) -> dict[str, Any]:
             "reason": reason or f"not measured here: {deploy} runs on a {target.device.upper()} and this run had none"}
 
 
+def deployed_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the deployed precision, the first engine and the most threads: what the arms table, the plot and
+    the notes show."""
+    rows = [r for r in record.get("rows", []) if r["precision"] == record["precision"]]
+    if not rows:
+        return []
+    engine, threads = rows[0]["engine"], max((r["threads"] or 0) for r in rows)
+    return [r for r in rows if r["engine"] == engine and (r["threads"] or 0) == threads]
+
+
 def headline(record: Mapping[str, Any], model: str) -> dict[str, Any]:
     """A model's figures as deployed, for its row in the arms table and trials.parquet: the deployed precision,
     the first engine and the most threads; latency at batch 1, throughput and speed-up at the largest batch."""
-    rows = [r for r in record.get("rows", []) if r["model"] == model and r["precision"] == record["precision"]]
+    rows = [r for r in deployed_rows(record) if r["model"] == model]
     if not rows:
         return {}
-    engine, threads = rows[0]["engine"], max((r["threads"] or 0) for r in rows)
-    rows = [r for r in rows if r["engine"] == engine and (r["threads"] or 0) == threads]
     small, large = min(rows, key=lambda r: r["batch"]), max(rows, key=lambda r: r["batch"])
     return {"latency_ms": small["latency_ms"], "throughput": large["throughput"], "speedup": large["speedup"],
             "speedup_per_macs": large.get("speedup_per_macs"), "speed_batch": large["batch"]}

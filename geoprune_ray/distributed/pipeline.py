@@ -420,6 +420,10 @@ class Pipeline:
             record = not_measured(self.spec.deploy, f"not measured: the timing failed: {first_line(exc)}")
         self._done("speed", started, record=record)
 
+    def _speed_record(self) -> dict[str, Any]:
+        """The speed stage's record ({} when the stage did not run)."""
+        return (self.stage("speed") or {}).get("record") or {}
+
     def _converged_hook(self, ctx: RunContext, arms_wanted: list[str]) -> Callable[[Controller], None]:
         """What the searcher calls (in this driver, from Tune's loop) once the controller has stopped: ``_settle``,
         once. An error is kept in ``ctx.settled`` (the fine-tunes fail on the board) and raised once the experiment
@@ -514,7 +518,7 @@ class Pipeline:
         report through ``self.report``."""
         failpoint("artifacts:start")
         started = time.time()
-        speed = (self.stage("speed") or {}).get("record") or {}
+        speed = self._speed_record()
         self.run.write_table("trials.parquet", [
             {**{col: t.get(col) for col in TRIAL_COLUMNS + ["error", "checkpoint_path"]},
              **{col: _timed(speed, t).get(col) for col in SPEED_COLUMNS}} for t in ctx.trials])
@@ -547,7 +551,7 @@ class Pipeline:
         """``core.protocol.summary`` with what only this path has: the job, the resources, the arms, the time line."""
         spec, res, arms = self.spec, ctx.res, ctx.arms
         adaptive = arms[arm_registry.ADAPTIVE]
-        speed = (self.stage("speed") or {}).get("record") or {}
+        speed = self._speed_record()
         probes = ctx.found["probes"]
         summary = protocol.summary(ctx.card, ctx.train_set, ctx.test_set, len(ctx.calibration.labels), self.cfg,
                                    spec.baseline_config(), spec.finetune_config(), ctx.found["noise"],
@@ -569,7 +573,7 @@ class Pipeline:
                                if "base_top1" in self.stage("probes") else None),
             "arms": [{**protocol.arm_row(ctx.plans[name], arms[name]), **headline(speed, name)}
                      for name in spec.protocol.arms if name in arms],
-            "speed": (self.stage("speed") or {}).get("record"),
+            "speed": self._speed_record() or None,
             "timeline": self.timeline(ctx.trials),
         })
         return summary
