@@ -204,6 +204,11 @@ def test_rounding_checks_read_the_cpu_targets_off_a_speed_record():
                       row("adaptive", 256, 1.25, 1.5), row("baseline", 64, 0.9, 1.0), row("gc", 64, 0.98, 1.2)]}
     c = checks(speed)
     assert c["adaptive_min_fraction"] == pytest.approx(1.25 / 1.5) and c["adaptive_fraction_met"]  # batch 1: no target
+    assert c["adaptive_min_fraction_aligned"] is None  # rows from before the padded count
+    for r in speed["rows"]:
+        r["aligned_macs_reduction"] = 1.25
+    assert checks(speed)["adaptive_min_fraction_aligned"] == pytest.approx(1.0)  # 1.25× against 1.25× padded
+    assert checks(speed)["adaptive_aligned_reduction"] == 1.25
     assert c["none_slower"] and c["slowest_pruned"]["model"] == "gc"  # 0.98; the baseline arm (0.9) is unpruned
     speed["rows"].append(row("uniform", 1, 0.96, 1.5))  # any batch counts
     c = checks(speed)

@@ -67,3 +67,24 @@ def test_early_fine_tunes_fit_beside_the_actors_and_leave_the_steps_room():
     assert prelaunch(four, PoolSpec(4, 0.25, 0.5312), Scaling(1, True, 1.0, 1.0), 4, free_cpus=15.0) == 0  # no free GPU
     eight = Resources({"CPU": 16.0, "GPU": 8.0}, True, 0.5312, 1.0, one_gpu)
     assert prelaunch(eight, PoolSpec(4, 0.25, 0.5312), Scaling(1, True, 1.0, 1.0), 4, free_cpus=15.0) == 4
+
+
+def test_the_speed_stage_waits_a_moment_for_ended_work_to_free_its_cpus(ray_cluster):
+    """The timing task is sized by the CPUs free; an actor killed just before holds its CPU a moment longer in Ray's
+    view. settled_free_cpus waits for what was asked, and gives up with what is free after its wait."""
+    import ray
+
+    from geoprune_ray.distributed.resources import settled_free_cpus
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    before = ray.available_resources().get("CPU", 0.0)
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    assert settled_free_cpus(before, wait_s=0.0) == before - 1  # no wait: the CPU is still held
+    ray.kill(holder)
+    assert settled_free_cpus(before, wait_s=10.0) == before
+    assert settled_free_cpus(before + 1, wait_s=0.5) == before  # more than there is: what is free, after the wait

@@ -5,7 +5,7 @@ import torch
 
 from geoprune_ray.core.deploy import MIN_REPEATS, headline, not_measured, slow_reason
 from geoprune_ray.core.models import build_model
-from geoprune_ray.core.pruning import macs_params, prune_copy
+from geoprune_ray.core.pruning import aligned_macs, macs_params, prune_copy
 from geoprune_ray.core.speed import _median_times, cpu_threads, deploy_speed
 
 SHAPE = (3, 8, 8)
@@ -34,10 +34,11 @@ def test_a_cpu_target_times_every_model_on_each_engine_thread_count_and_batch():
         assert r["repeats"] >= MIN_REPEATS and r["latency_ms"] > 0
         assert r["throughput"] == pytest.approx(r["batch"] / (r["latency_ms"] / 1e3))
         if r["model"] == "base":
-            assert r["speedup"] == 1.0 and r["macs_reduction"] == 1.0
+            assert r["speedup"] == 1.0 and r["macs_reduction"] == 1.0 == r["aligned_macs_reduction"]
         else:
             assert r["macs_reduction"] == pytest.approx(macs["base"] / macs["adaptive"]) and r["macs_reduction"] > 1
             assert r["speedup_per_macs"] == pytest.approx(r["speedup"] / r["macs_reduction"])
+            assert r["aligned_macs_reduction"] == aligned_macs(base, SHAPE, 8) / aligned_macs(pruned, SHAPE, 8)
     top = headline(record, "adaptive")  # the arms table's figures: eager (the first engine), 2 threads
     assert top["speed_batch"] == 256 and top["latency_ms"] == next(
         r["latency_ms"] for r in record["rows"]
@@ -51,11 +52,29 @@ def test_a_gpu_target_without_a_gpu_is_not_measured_here():
     assert record["precision"] == "bf16" and headline(record, "adaptive") == {}
 
 
+def test_aligned_macs_pad_every_channel_count_but_the_inputs_to_a_multiple():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.Conv2d(5, 12, 1),
+                                torch.nn.Conv2d(12, 12, 3, padding=1, groups=12), torch.nn.Flatten(),
+                                torch.nn.Linear(12 * 16, 10))
+    shape = (3, 4, 4)  # 16 positions
+    assert aligned_macs(model, shape, 1) == 16 * (5 * 3 * 9 + 12 * 5 + 12 * 9) + 10 * 192
+    # padded to 8s: 5 -> 8 out, 3 in kept (the image's); 12 -> 16; the depthwise conv pads its channels only
+    assert aligned_macs(model, shape, 8) == 16 * (8 * 3 * 9 + 16 * 8 + 16 * 9) + 16 * 192
+    assert model.training  # left as it was
+
+
 def test_a_speed_up_far_below_the_macs_reduction_says_why():
     row = {"model": "adaptive", "batch": 256, "latency_ms": 5.0, "speedup": 1.1, "speedup_per_macs": 0.55}
     assert "memory traffic" in slow_reason(row)
     assert "latency-bound at batch 1" in slow_reason({**row, "batch": 1})
     assert "overhead-bound" in slow_reason({**row, "latency_ms": 0.1})
+    assert slow_reason({**row, "macs_reduction": 2.0, "aligned_macs_reduction": 1.9}).startswith("the time saved")
+    padded = slow_reason({**row, "macs_reduction": 2.0, "aligned_macs_reduction": 1.1})
+    assert padded == ("channel counts off multiples of 8 (in groups too small to round): padded to 8s, as the "
+                      "hardware computes them, the MACs fall 1.10×, not 2.00×")
+    slower = {**row, "speedup": 0.9, "speedup_per_macs": 0.85, "macs_reduction": 1.06, "aligned_macs_reduction": 1.0}
+    assert "the MACs fall 1.00×, not 1.06×" in slow_reason(slower)  # a pruned model slower than the base says why
+    assert slow_reason({**slower, "macs_reduction": 1.0, "speedup_per_macs": 0.9}) is None  # unpruned: noise
     assert slow_reason({**row, "speedup_per_macs": 0.9}) is None and slow_reason({**row, "model": "base"}) is None
 
 

@@ -44,7 +44,10 @@ TARGETS: dict[str, DeployTarget] = {t.name: t for t in (
 )}
 DEFAULT = "cpu"
 MIN_REPEATS = 20  # every speed figure is the median of at least this many timed passes, after warm-up
+ALIGN = 8  # channels a vector unit or tensor core takes at once: AVX2's 8 fp32 lanes, ONNX Runtime's NCHWc blocks
+# of 8, tensor cores' bf16/fp16 channels in 8s; a count off a multiple of 8 is computed padded up to one
 SLOW_FRACTION = 0.8  # a speed-up below this fraction of the MACs reduction gets a one-line reason
+SLOWER_BY = 0.03  # and so does a pruned model slower than the base by more than this (timing noise aside)
 
 
 def deploy_target(name: str) -> DeployTarget:
@@ -99,12 +102,20 @@ def headline(record: Mapping[str, Any], model: str) -> dict[str, Any]:
 
 
 def slow_reason(row: Mapping[str, Any]) -> Optional[str]:
-    """One line on why a speed-up falls well below the MACs reduction (None when it does not)."""
+    """One line on why a speed-up falls well below the MACs reduction, or a pruned model runs slower than the base
+    (None when neither)."""
     fraction = row.get("speedup_per_macs")
-    if fraction is None or fraction >= SLOW_FRACTION or row["model"] == "base":
+    if fraction is None or row["model"] == "base":
+        return None
+    slower = row["speedup"] < 1 - SLOWER_BY and (row.get("macs_reduction") or 1) > 1  # the Baseline arm is unpruned
+    if fraction >= SLOW_FRACTION and not slower:
         return None
     if row["batch"] <= 8:
         return f"latency-bound at batch {row['batch']}: fixed per-layer costs, not arithmetic, set the time"
+    aligned, reduction = row.get("aligned_macs_reduction"), row.get("macs_reduction")
+    if aligned is not None and reduction and aligned < 1 + SLOW_FRACTION * (reduction - 1):
+        return (f"channel counts off multiples of {ALIGN} (in groups too small to round): padded to {ALIGN}s, as "
+                f"the hardware computes them, the MACs fall {aligned:.2f}×, not {reduction:.2f}×")
     if row["latency_ms"] < 0.5:
         return "overhead-bound: a pass takes under 0.5 ms, so removed arithmetic barely shows"
     return ("the time saved is less than the MACs removed: memory traffic and the unpruned layers (stem, "

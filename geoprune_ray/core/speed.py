@@ -20,8 +20,9 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .deploy import MIN_REPEATS, deploy_target, not_measured
+from .deploy import ALIGN, MIN_REPEATS, deploy_target, not_measured
 from .geometry import torch_threads
+from .pruning import aligned_macs
 
 CPU_BATCHES = (1, 64, 256)
 GPU_BATCHES = (1, 256)
@@ -177,7 +178,8 @@ def deploy_speed(base: nn.Module, models: Mapping[str, nn.Module], input_shape: 
     """The speed table of a run: every model (arms, fine-tuned steps) against the base, timed as ``deploy`` runs it
     (``core.deploy``). ``device``: where to time (None: the target's device if this process has one); a GPU target
     without a GPU here is recorded as not measured. ``macs``: each model's MACs and the base's, for the speed-up as a
-    fraction of the MACs reduction. ``budget_s``: how long each setting may go on timing past ``MIN_REPEATS`` passes."""
+    fraction of the MACs reduction; every row also carries the reduction in MACs counted with channels padded to
+    ``ALIGN`` (``aligned_macs_reduction``: what the hardware can realise). ``budget_s``: how long each setting may go on timing past ``MIN_REPEATS`` passes."""
     target = deploy_target(deploy)
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if target.device == "cuda" and torch.cuda.is_available() else "cpu")
@@ -194,8 +196,11 @@ def deploy_speed(base: nn.Module, models: Mapping[str, nn.Module], input_shape: 
         record["threads"] = list(cpu_threads(cpus or torch.get_num_threads()))
         record["skipped"] = {}
         rows = time_cpu(base, models, input_shape, record["threads"], budget_s=budget_s, skipped=record["skipped"])
-    if macs:
-        for row in rows:
+    record["align"] = ALIGN
+    aligned = {n: aligned_macs(m, input_shape, ALIGN) for n, m in {"base": base, **models}.items()}
+    for row in rows:
+        row["aligned_macs_reduction"] = aligned["base"] / aligned[row["model"]]
+        if macs:
             reduction = macs["base"] / macs[row["model"]] if macs.get(row["model"]) else None
             row["macs_reduction"] = reduction
             row["speedup_per_macs"] = row["speedup"] / reduction if reduction else None

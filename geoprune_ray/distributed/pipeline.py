@@ -65,7 +65,7 @@ from .launch import fit, join_teardowns, load_checkpoint
 from .probes import START_TIMEOUT_S, PoolSpec, PoolStarter, ProbePool, actor_restarts
 from .progress import Progress
 from .resources import (Resources, finetune_scaling, gpu_shares, largest_node_cpus, prelaunch, sensitivity_tasks,
-                        side_by_side, wait_for_gpus, whole_nodes)
+                        settled_free_cpus, side_by_side, wait_for_gpus, whole_nodes)
 from .scaling import Scaling
 from .searcher import SEARCHED, RatioSearcher, on_converged, provide
 from .sensitivity import by_group, submit_sensitivity
@@ -413,7 +413,7 @@ class Pipeline:
             record = time_models(ctx.card.to_dict(), ray.put(ctx.model.state_dict()),
                                  {name: t["checkpoint_path"] for name, t in tuned.items()}, self.spec.deploy,
                                  {"base": ctx.base_macs, **{name: t["macs"] for name, t in tuned.items()}},
-                                 largest_node_cpus(), ray.available_resources().get("CPU", 0.0),
+                                 largest_node_cpus(), settled_free_cpus(largest_node_cpus()),
                                  ray.cluster_resources().get("GPU", 0.0))
         except ray.exceptions.RayTaskError as exc:  # the models are trained and saved: the run goes on without it
             log.warning("stage speed: the timing failed (%s); the run's models are unaffected", first_line(exc))

@@ -40,6 +40,17 @@ def largest_node_cpus() -> float:
     return max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
 
 
+def settled_free_cpus(want: float, wait_s: float = 10.0) -> float:
+    """The CPUs free now, once up to ``wait_s`` has let ``want`` of them come free: Ray reports a finished trial's or
+    a killed actor's CPUs free a moment after it ends, and a task sized at that moment would hold too few."""
+    deadline = time.monotonic() + wait_s
+    free = ray.available_resources().get("CPU", 0.0)
+    while free < want and time.monotonic() < deadline:
+        time.sleep(0.25)
+        free = ray.available_resources().get("CPU", 0.0)
+    return free
+
+
 def side_by_side(res: Resources, arms: int) -> int:
     """How many fine-tunes run at once: every arm on GPUs; on CPUs at most one per core of the largest node (more
     would only share the same cores, each arm's Tune trial, Train controller and worker costing memory: four at once
