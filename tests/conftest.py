@@ -94,7 +94,8 @@ def pipeline_job(weights, arms, name):
 
 @pytest.fixture(scope="session")
 def full_run(ray_cluster, digits_weights, tmp_path_factory):
-    """One finished pipeline run on digits with all four arms: (run directory, summary)."""
+    """One finished pipeline run on digits with all four arms and the four allocations at 2× fewer MACs:
+    (run directory, summary)."""
     from geoprune_ray.core.spec import JobSpec
     from geoprune_ray.distributed.pipeline import run_job
     from geoprune_ray.app.report import render_report
@@ -103,5 +104,6 @@ def full_run(ray_cluster, digits_weights, tmp_path_factory):
     job = pipeline_job(digits_weights, ["adaptive", "baseline", "gc", "uniform"], "digits-full")
     job["protocol"]["probe_accuracy"] = True  # each probe's top-1 too (the evidence's Spearman)
     job["protocol"]["speed"] = True  # every arm timed as deployed (test_report)
+    job["protocol"]["compressions"] = [2]  # and every allocation at 2× fewer MACs (issue 16; test_evidence)
     spec = JobSpec.from_dict(job)
     return storage, run_job(spec, str(storage), report=render_report)

@@ -1,5 +1,7 @@
 """The arms registry (``core.arms``): one decorated function adds an arm that every consumer then knows."""
 
+import copy
+
 import pytest
 
 from geoprune_ray.core import arms, protocol
@@ -58,3 +60,76 @@ def test_an_unknown_arm_is_refused_with_the_registered_ones():
     with pytest.raises(GeopruneError) as err:
         JobSpec.from_dict({"name": "j", "protocol": {"arms": ["adaptive", "halve"]}})
     assert "unknown arm 'halve'" in str(err.value) and "adaptive, baseline, gc, uniform" in str(err.value)
+
+
+def test_every_allocation_reaches_each_compression_on_a_real_model(digits_model, digits):
+    """Issue 16's allocation arms on the digits convnet (groups of 16, 32 and 64 channels, rounded to 4s): the
+    method's τ_L weights, uniform L2, global magnitude and LAMP each prune to 2× and 3× fewer MACs within ±1%, or
+    record the gap they reached; each plan's MACs are what its ratios prune to, with the run's rounding."""
+    import logging
+
+    from conftest import small_method
+    from geoprune_ray.core.geometry import Calibration, GeometryMeter
+    from geoprune_ray.core.method import PruneTarget, allocate, layer_budgets, measure
+    from geoprune_ray.core.pruning import dependency_groups, global_allocation, macs_params, prune_copy
+
+    train_set, _ = digits
+    shape, classes, cfg = (3, 8, 8), 10, small_method(round_to=4)
+    target = PruneTarget(shape, classes, "l2", cfg.round_to)
+    meter = GeometryMeter(Calibration.from_dataset(train_set, cfg))
+    base = copy.deepcopy(digits_model)
+    meter.set_reference(base)
+    channels = {g.name: g.channels for g in dependency_groups(base, shape, classes)}
+    base_macs, base_params = macs_params(base, shape)
+
+    def measure_many(ratios_list, size_only=False):
+        out = []
+        for ratios in ratios_list:
+            if size_only:
+                macs, params = macs_params(prune_copy(base, ratios, shape, classes, round_to=4)[0], shape)
+                out.append({"macs": macs, "params": params})
+            else:
+                m = measure(base, meter, ratios, target)
+                out.append({"delta_g": m.delta_g, "macs": m.macs, "params": m.params})
+        return out
+
+    sens = {g: measure_many([{g: 0.5}])[0]["delta_g"] for g in channels}  # the method's sensitivity trials
+    budgets = layer_budgets(0.1, sens, 0.01)
+    wanted = ["adaptive", *(arms.compression_arm(a, c) for c in (2, 3) for a in arms.ALLOCATIONS)]
+    plans = protocol.settle_arms(
+        wanted, 0.2, allocate(0.2, budgets, channels, cfg.r_max), 0.1, channels, cfg, measure_many, base_macs,
+        base_params, budgets=budgets,
+        global_ratios=lambda imp, x: global_allocation(base, x, shape, classes, imp, cfg.r_max))
+    assert list(plans) == wanted
+    for c in (2, 3):
+        reached = {}
+        for a in arms.ALLOCATIONS:
+            plan = plans[arms.compression_arm(a, c)]
+            goal = base_macs / c
+            assert plan.match["macs_target"] == pytest.approx(goal)
+            assert plan.match["gap"] == pytest.approx((plan.macs - goal) / goal)
+            assert abs(plan.match["gap"]) <= 0.01 or not plan.match["within"]  # within ±1%, or said it is not
+            assert plan.macs == measure_many([plan.ratios], size_only=True)[0]["macs"]
+            assert plan.delta_g > 0
+            reached[a] = plan.ratios
+            row = protocol.arm_row(plan, {"top1": 1.0, "top1_before_finetune": 1.0, "macs": plan.macs,
+                                          "params": plan.params, "delta_g": plan.delta_g, "delta_g_after": 0.0})
+            assert (row["allocation"], row["compression"]) == (a, c) and row["method"].endswith(f"at {c}×")
+        assert all(abs(plans[arms.compression_arm(a, c)].match["gap"]) <= 0.01 for a in arms.ALLOCATIONS), {
+            a: plans[arms.compression_arm(a, c)].match["gap"] for a in arms.ALLOCATIONS}
+        kept = {a: tuple(round((1 - r[g]) * n) for g, n in channels.items()) for a, r in reached.items()}
+        assert len(set(kept.values())) >= 3, kept  # different allocations at the same MACs
+    logging.getLogger("geoprune_ray").info("allocations: %s", plans)
+
+
+def test_allocation_arm_names_parse_and_label():
+    assert arms.parse_compression_arm("lamp@2x") == ("lamp", 2.0)
+    assert arms.parse_compression_arm("tau@2.5x") == ("tau", 2.5) and arms.compression_arm("tau", 2.5) == "tau@2.5x"
+    for bad in ("lamp@1x", "lamp@2", "nope@2x", "lamp@x", "adaptive@2x", "lamp@infx"):
+        assert arms.parse_compression_arm(bad) is None and not arms.is_arm(bad), bad
+    assert arms.label("magnitude@3x") == "Global magnitude at 3×" and arms.color("lamp@4x", "k") == "tab:brown"
+    spec = JobSpec.from_dict({"name": "j", "protocol": {"arms": ["adaptive"], "compressions": [2, 4]}})
+    assert spec.protocol.arms_to_run == ("adaptive", "tau@2x", "uniform@2x", "magnitude@2x", "lamp@2x",
+                                         "tau@4x", "uniform@4x", "magnitude@4x", "lamp@4x")
+    with pytest.raises(GeopruneError, match="compression 0.5 is not a MACs reduction"):
+        JobSpec.from_dict({"name": "j", "protocol": {"compressions": [0.5]}})

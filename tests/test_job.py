@@ -107,7 +107,7 @@ def test_to_dict_keeps_the_shape_that_state_json_holds():
         "data": {"name": "fashion-mnist", "data_dir": None, "download": False},
         "protocol": {"baseline_epochs": 5, "finetune_epochs": 3, "batch_size": 256, "lr": 0.2,
                      "arms": ("adaptive", "baseline", "gc", "uniform"), "finetune_all": False,
-                     "probe_accuracy": False, "step_capture": False, "speed": True},
+                     "probe_accuracy": False, "step_capture": False, "speed": True, "compressions": ()},
         "resources": {"probe_actors": 2, "cpus_per_actor": 0.25, "gpus_per_actor": None, "workers": 1,
                       "cpus_per_worker": 1.0, "gpus_per_worker": None, "use_gpu": None, "sensitivity_tasks": None,
                       "wait_for_gpu_s": 0.0},

@@ -37,12 +37,19 @@ def test_artifacts_of_a_full_run(full_run):
         assert b["r"] == pytest.approx(a["r"] + (0.05 if a["accepted"] else -0.025))
     assert all(steps["accepted"] == (steps["delta_g"] <= summary["tau"]))
     launches = [p.name for p in (storage / "train").iterdir() if p.name.startswith("finetune-")]
-    assert len(launches) == 4  # one Ray Train run per arm, none for a controller step
+    assert len(launches) == len(summary["arms"]) == 8  # one Ray Train run per arm, none for a controller step
+    # the four allocations at 2× fewer MACs (issue 16): each at the target within ±1%, or its gap recorded
+    base_macs = summary["baseline"]["macs"]
+    at_2x = [a for a in summary["arms"] if a.get("compression") == 2]
+    assert sorted(a["allocation"] for a in at_2x) == ["lamp", "magnitude", "tau", "uniform"]
+    for a in at_2x:
+        assert a["macs_gap"] == pytest.approx((a["macs_m"] * 1e6 - base_macs / 2) / (base_macs / 2), abs=1e-6)
 
     pruned = summary["pruned"]
     assert pruned["delta_g_before_finetune"] <= summary["tau"]
     assert pruned["macs"] < summary["baseline"]["macs"] and pruned["top1"] >= 90
-    assert [row["arm"] for row in summary["arms"]] == ["adaptive", "baseline", "gc", "uniform"]
+    assert [row["arm"] for row in summary["arms"]] == ["adaptive", "baseline", "gc", "uniform", "tau@2x", "uniform@2x",
+                                                      "magnitude@2x", "lamp@2x"]
     uniform = next(row for row in summary["arms"] if row["arm"] == "uniform")
     assert uniform["macs_m"] == pytest.approx(pruned["macs"] / 1e6, rel=0.01)  # METHOD.md §7's ±1%
     assert uniform["macs_gap"] == pytest.approx(uniform["macs_m"] * 1e6 / pruned["macs"] - 1, abs=1e-9)

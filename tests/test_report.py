@@ -78,7 +78,7 @@ def test_accuracy_plot_draws_every_finetuned_trial(artifacts):
     drawn = np.concatenate([_offsets(c) for c in figs["accuracy_macs"].axes[0].collections])
     expected = np.column_stack([tuned["macs"] / 1e6, tuned["top1"]])
     _same_points(drawn[np.lexsort(drawn.T[::-1])], *expected[np.lexsort(expected.T[::-1])].T)
-    assert len(drawn) == len(summary["arms"]) == 4
+    assert len(drawn) == len(summary["arms"]) == 8
 
 
 def test_every_arm_is_timed_as_deployed_after_the_last_fine_tune(artifacts):
@@ -86,7 +86,8 @@ def test_every_arm_is_timed_as_deployed_after_the_last_fine_tune(artifacts):
     speed = summary["speed"]
     assert speed["version"] == 2 and speed["measured"] and speed["deploy"] == summary["job"]["deploy"] == "cpu"
     models = {r["model"] for r in speed["rows"]}
-    assert models == {"base", "adaptive", "baseline", "gc", "uniform"}
+    assert models == {"base", "adaptive", "baseline", "gc", "uniform", "tau@2x", "uniform@2x", "magnitude@2x",
+                      "lamp@2x"}
     assert {(r["engine"], r["batch"]) for r in speed["rows"]} == {(e, b) for e in ("eager", "onnxruntime")
                                                                    for b in (1, 64, 256)}
     assert all(r["repeats"] >= 20 for r in speed["rows"])

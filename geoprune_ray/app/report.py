@@ -120,7 +120,7 @@ def plot_accuracy_macs(finetuned: Sequence[dict]) -> Figure:
         ax.scatter([t["macs"] / 1e6 for t in rows], [t["top1"] for t in rows], s=50, zorder=3, alpha=0.8,
                    color=arm_registry.color(label, "tab:purple"), label=name)
         for t in rows:  # named in place: arms at the same point (GC at r = 0 and Baseline) stay visible
-            ax.annotate(name if label in arm_registry.ARMS else f"r={t['r']:.3f}", (t["macs"] / 1e6, t["top1"]),
+            ax.annotate(name if arm_registry.is_arm(label) else f"r={t['r']:.3f}", (t["macs"] / 1e6, t["top1"]),
                         xytext=(6, 4 + 9 * (i % 3)), textcoords="offset points", fontsize=7)
     ax.set(xlabel="MACs (M)", ylabel="top-1 after fine-tuning (%)", title="Accuracy vs compute")
     ax.legend(fontsize=8)

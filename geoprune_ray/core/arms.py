@@ -12,11 +12,13 @@ summary's arms rows and the job spec's check all read the registry.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Mapping, Optional
 
 from .config import MethodConfig
-from .method import GC_BUDGET, GC_GRID, gc_ratio, match_macs
+from ..errors import GeopruneError
+from .method import GC_BUDGET, GC_GRID, allocate, gc_ratio, match_macs
 
 log = logging.getLogger("geoprune_ray")
 
@@ -61,6 +63,9 @@ class Settling:
     base_params: int
     at_r_star: Optional[Mapping[str, Any]] = None  # the controller's measured step at r* (``protocol.step_at``)
     adaptive: Optional[ArmPlan] = None
+    budgets: Mapping[str, float] = field(default_factory=dict)  # the method's τ_L per group (its allocation's weights)
+    # (importance, global ratio) → per-group ratios by torch-pruning's global ranking (``pruning.global_allocation``)
+    global_ratios: Optional[Callable[[str, float], Mapping[str, float]]] = None
 
 
 @dataclass(frozen=True)
@@ -97,12 +102,26 @@ def default_arms() -> tuple[str, ...]:
     return (ADAPTIVE, *(name for name in ARMS if name != ADAPTIVE))
 
 
+def arm(name: str) -> Arm:
+    """The registered arm ``name``, or the allocation arm it names (``ALLOCATION@Cx``, ``compression_arm``)."""
+    if name in ARMS:
+        return ARMS[name]
+    parsed = parse_compression_arm(name)
+    if parsed is None:
+        raise KeyError(name)
+    return _compression_arm(*parsed)
+
+
+def is_arm(name: str) -> bool:
+    return name in ARMS or parse_compression_arm(name) is not None
+
+
 def label(name: str, default: Optional[str] = None) -> Optional[str]:
-    return ARMS[name].label if name in ARMS else default
+    return arm(name).label if is_arm(name) else default
 
 
 def color(name: str, default: str) -> str:
-    return ARMS[name].color if name in ARMS else default
+    return arm(name).color if is_arm(name) else default
 
 
 # ---------------------------------------------------------------- the arms, in the table's order
@@ -152,3 +171,90 @@ def _uniform(s: Settling) -> ArmPlan:
     (rec,) = s.measure_many([m.ratios])
     return ArmPlan("uniform", m.ratio, m.ratios, rec["delta_g"], rec["macs"], rec["params"],
                    match={"gap": m.gap, "adjusted": m.adjusted, "within": m.within, "macs_target": adaptive.macs})
+
+
+# ---------------------------------------------------------------- allocations at a fixed compression (issue 16)
+#
+# Does the method's allocation win where allocation matters, and against what users already have? An allocation
+# turns one number into per-group ratios; ``ALLOCATION@Cx`` (``tau@2x``, ``lamp@4x``) is the arm that prunes the
+# base with it to C× fewer MACs (within ±1%, or the gap recorded), with the run's rounding and the same fine-tune as
+# every arm. Nothing in the method's own decisions changes: these arms are settled after Adaptive GC, from the same
+# measurements.
+
+
+@dataclass(frozen=True)
+class Allocation:
+    name: str
+    label: str
+    color: str
+    ratios: Callable[[Settling, float], Mapping[str, float]]  # (settling, its one number) → per-group ratios
+
+
+ALLOCATIONS: dict[str, Allocation] = {}
+
+
+def register_allocation(name: str, label: str, color: str):
+    """Register ``ratios(Settling, x) → per-group ratios`` as an allocation arms can compress with."""
+
+    def deco(ratios: Callable[[Settling, float], Mapping[str, float]]):
+        ALLOCATIONS[name] = Allocation(name, label, color, ratios)
+        _compression_arm.cache_clear()
+        return ratios
+
+    return deco
+
+
+def compression_arm(allocation: str, compression: float) -> str:
+    """The arm name of ``allocation`` at ``compression``× fewer MACs: ``tau@2x``, ``lamp@2.5x``."""
+    return f"{allocation}@{compression:g}x"
+
+
+def parse_compression_arm(name: str) -> Optional[tuple[str, float]]:
+    """(allocation, compression) of an arm name ``ALLOCATION@Cx`` (C > 1), None for any other name."""
+    allocation, at, times = name.partition("@")
+    if not at or allocation not in ALLOCATIONS or not times.endswith("x"):
+        return None
+    try:
+        compression = float(times[:-1])
+    except ValueError:
+        return None
+    return (allocation, compression) if 1 < compression < float("inf") else None
+
+
+def _global(importance_name: str) -> Callable[[Settling, float], Mapping[str, float]]:
+    def ratios(s: Settling, x: float) -> Mapping[str, float]:
+        if s.global_ratios is None:
+            raise GeopruneError("a global allocation needs the base model to rank channels",
+                                "settle allocation arms through the pipeline, which passes global_ratios")
+        return s.global_ratios(importance_name, x)
+    return ratios
+
+
+@lru_cache(maxsize=None)
+def _compression_arm(allocation: str, compression: float) -> Arm:
+    alloc = ALLOCATIONS[allocation]
+    name = compression_arm(allocation, compression)
+
+    def choose(s: Settling) -> ArmPlan:
+        target = s.base_macs / compression
+
+        def macs_of(ratios: Mapping[str, float] | float) -> float:
+            return s.measure_many([ratios], size_only=True)[0]["macs"]
+
+        m = match_macs(target, macs_of, s.channels, s.cfg.r_max, round_to=s.cfg.round_to,
+                       allocation=lambda x: alloc.ratios(s, x))
+        if not m.within:
+            log.warning("%s reached %+.2f%% of %g× fewer MACs, not ±1%%: integer channel counts allow no closer "
+                        "match (recorded in the arms table)", alloc.label, 100 * m.gap, compression)
+        (rec,) = s.measure_many([m.ratios])
+        return ArmPlan(name, m.ratio, m.ratios, rec["delta_g"], rec["macs"], rec["params"],
+                       match={"gap": m.gap, "adjusted": m.adjusted, "within": m.within, "macs_target": target})
+
+    return Arm(name, f"{alloc.label} at {compression:g}×", alloc.color, choose)
+
+
+register_allocation("tau", "τ_L weights", "tab:blue")(
+    lambda s, x: allocate(x, s.budgets, s.channels, s.cfg.r_max))  # the method's allocation (METHOD.md §5)
+register_allocation("uniform", "Uniform L2", "tab:green")(lambda s, x: {g: x for g in s.channels})
+register_allocation("magnitude", "Global magnitude", "tab:red")(_global("l2"))  # GroupMagnitudeImportance(p=2)
+register_allocation("lamp", "LAMP", "tab:brown")(_global("lamp"))  # LAMPImportance(p=2)

@@ -217,15 +217,19 @@ class MacsMatch:
 
 def match_macs(target_macs: float, macs_of: Callable[[Mapping[str, float] | float], float],
                channels: Mapping[str, int], r_max: float = 0.9, tolerance: float = 0.01,
-               round_to: Optional[int] = None, max_moves: int = 200) -> MacsMatch:
-    """Uniform L2 at Adaptive GC's MACs (METHOD.md §7): bisect one ratio, then move single groups' kept counts by
-    one channel (``round_to`` channels where rounding applies), largest groups first, until MACs are within
-    ``tolerance``. A move is kept only when it brings MACs closer; when no move does, the gap stays and
-    ``within`` is False (the caller warns)."""
+               round_to: Optional[int] = None, max_moves: int = 200,
+               allocation: Optional[Callable[[float], Mapping[str, float]]] = None) -> MacsMatch:
+    """An allocation at a target's MACs: Uniform L2 at Adaptive GC's (METHOD.md §7), or any allocation at a fixed
+    compression. Bisect the allocation's one ratio (``allocation(x)``: per-group ratios; default one ratio ``x`` for
+    every group), then move single groups' kept counts by one channel (``round_to`` channels where rounding
+    applies), largest groups first, until MACs are within ``tolerance``. A move is kept only when it brings MACs
+    closer; when no move does, the gap stays and ``within`` is False (the caller warns)."""
     from .pruning import kept_channels, rounding_step
 
-    ratio = ratio_for_macs(target_macs, macs_of, r_max, tolerance)
-    kept = {g: kept_channels(n, ratio, round_to) for g, n in channels.items()}
+    allocation = allocation or (lambda x: {g: x for g in channels})
+    ratio = ratio_for_macs(target_macs, lambda x: macs_of(allocation(x)), r_max, tolerance)
+    chosen = allocation(ratio)
+    kept = {g: kept_channels(n, chosen.get(g, 0.0), round_to) for g, n in channels.items()}
     base_kept = dict(kept)
 
     def as_ratios(counts: Mapping[str, int]) -> dict[str, float]:

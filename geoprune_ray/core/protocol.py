@@ -130,16 +130,22 @@ def step_at(ctl: Controller, r: float) -> Optional[dict[str, Any]]:
 
 def settle_arms(arms: Sequence[str], r_star: float, adaptive: Mapping[str, float], budget: float,
                 channels: Mapping[str, int], cfg: MethodConfig, measure_many: MeasureMany,
-                base_macs: int, base_params: int, at_r_star: Optional[Mapping[str, Any]] = None) -> dict[str, ArmPlan]:
+                base_macs: int, base_params: int, at_r_star: Optional[Mapping[str, Any]] = None,
+                budgets: Optional[Mapping[str, float]] = None,
+                global_ratios: Optional[Callable[[str, float], Mapping[str, float]]] = None) -> dict[str, ArmPlan]:
     """Every arm's pruning (METHOD.md §7), each chosen by its entry in ``core.arms``: Adaptive GC first (its
-    allocation at r*), then the others in the table's order. ``at_r_star``: the controller's step at r*
-    (``step_at``), which measured Adaptive GC's allocation already: it is not measured again."""
-    s = Settling(r_star, adaptive, budget, channels, cfg, measure_many, base_macs, base_params, at_r_star)
+    allocation at r*), then the others in the table's order, then the allocation arms at fixed compressions in the
+    order given. ``at_r_star``: the controller's step at r* (``step_at``), which measured Adaptive GC's allocation
+    already: it is not measured again. ``budgets`` (τ_L) and ``global_ratios`` (``pruning.global_allocation`` on the
+    base) are what the allocation arms need."""
+    s = Settling(r_star, adaptive, budget, channels, cfg, measure_many, base_macs, base_params, at_r_star,
+                 budgets=budgets or {}, global_ratios=global_ratios)
     plans = {arm_registry.ADAPTIVE: arm_registry.ARMS[arm_registry.ADAPTIVE].choose(s)}
     s = replace(s, adaptive=plans[arm_registry.ADAPTIVE])
-    for name, arm in arm_registry.ARMS.items():
-        if name in arms and name not in plans:
-            plans[name] = arm.choose(s)
+    order = [*(name for name in arm_registry.ARMS if name in arms), *(a for a in arms if a not in arm_registry.ARMS)]
+    for name in order:
+        if name not in plans:
+            plans[name] = arm_registry.arm(name).choose(s)
     return {arm: plans[arm] for arm in arms}
 
 
@@ -211,13 +217,16 @@ def finetune_arm(base: nn.Module, ratios: Mapping[str, float] | float, meter: Ge
 
 def arm_row(plan: ArmPlan, result: Mapping[str, Any]) -> dict[str, Any]:
     """One row of the paper's table (Method | Top-1 | Params | MACs | ΔG), with what the arm was given."""
-    row = {"method": arm_registry.ARMS[plan.arm].label, "arm": plan.arm, "r": plan.r, "top1": result["top1"],
+    row = {"method": arm_registry.arm(plan.arm).label, "arm": plan.arm, "r": plan.r, "top1": result["top1"],
            "top1_before_finetune": result["top1_before_finetune"], "params_m": result["params"] / 1e6,
            "macs_m": result["macs"] / 1e6, "delta_g": result["delta_g"], "delta_g_after": result["delta_g_after"],
            "budget": plan.budget}
     if plan.match is not None:
         row["macs_gap"] = plan.match.get("gap")
         row["adjusted_groups"] = len(plan.match.get("adjusted", {}))
+    at = arm_registry.parse_compression_arm(plan.arm)
+    if at is not None:
+        row["allocation"], row["compression"] = at
     return row
 
 

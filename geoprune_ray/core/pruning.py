@@ -137,6 +137,28 @@ def prune_copy(model: nn.Module, ratios: Mapping[str, float] | float, input_shap
     return pruned, plain_history(pruner.pruning_history())
 
 
+def global_allocation(model: nn.Module, ratio: float, input_shape: Sequence[int], num_classes: int,
+                      importance_name: str = "l2", r_max: float = 0.9) -> dict[str, float]:
+    """The per-group ratios torch-pruning's global ranking chooses at ``ratio``: ``BasePruner`` with
+    ``global_pruning=True`` ranks every group's channels together by ``importance_name`` (its own normalisation:
+    ``GroupMagnitudeImportance``'s per-group mean for ``l2``, LAMP's for ``lamp``), each group capped at ``r_max``;
+    a copy is pruned and each group's removed fraction read off it. ``prune_copy`` then prunes at these ratios with
+    METHOD.md §5's rounding, like every other allocation (within a group, LAMP ranks channels as magnitude does)."""
+    groups = dependency_groups(model, input_shape, num_classes)
+    if ratio <= 0:
+        return {g.name: 0.0 for g in groups}
+    pruned = copy.deepcopy(model).eval()
+    _, head = classifier_head(pruned, num_classes)
+    pruner = tp.pruner.BasePruner(
+        pruned, example_input(pruned, input_shape), importance=importance(importance_name), pruning_ratio=ratio,
+        global_pruning=True, max_pruning_ratio=r_max, ignored_layers=[head], root_module_types=list(ROOT_TYPES),
+        in_channel_groups={}, out_channel_groups={}, num_heads={},
+    )
+    pruner.step()
+    kept = {g.name: g.channels for g in dependency_groups(pruned, input_shape, num_classes)}
+    return {g.name: (g.channels - kept[g.name]) / g.channels for g in groups}
+
+
 def plain_history(history: list) -> list:
     """torch-pruning's pruning history as plain lists, ints, strs and bools (what ``weights_only`` loads)."""
     return [[str(name), bool(is_out), [int(i) for i in idxs]] for name, is_out, idxs in history]

@@ -26,7 +26,7 @@ from pydantic_core import PydanticCustomError
 
 from .config import MethodConfig, Seed, Spec, TrainConfig, finetune_defaults
 from .deploy import DEFAULT, DEPLOY_HINT, TARGETS, with_rounding
-from .arms import ADAPTIVE, ARMS, default_arms
+from .arms import ADAPTIVE, ALLOCATIONS, compression_arm, default_arms, is_arm
 from ..errors import GeopruneError
 
 _EPS = 1e-9  # Ray keeps resource quantities to 1e-4: a request equal to the cluster fits
@@ -70,23 +70,44 @@ class ProtocolSpec(_Part):
     probe_accuracy: bool = False  # also measure each probe's top-1 on the test split (Spearman(ΔG, drop))
     step_capture: bool = False  # compile the training step (CUDA graphs on a GPU): TrainConfig.capture
     speed: bool = True  # time every fine-tuned model as ``deploy`` runs it, after the last fine-tune (a stage of its own)
+    # also prune to each of these MACs reductions with every allocation of ``core.arms.ALLOCATIONS`` (the method's
+    # τ_L weights, uniform L2, global magnitude, LAMP), each fine-tuned like the arms: ``arms_to_run``
+    compressions: tuple[float, ...] = ()
 
-    @field_validator("arms", mode="before")
+    @field_validator("arms", "compressions", mode="before")
     @classmethod
-    def _as_tuple(cls, arms: Any) -> Any:  # YAML and state.json give a list; one arm may be written bare
-        return (arms,) if isinstance(arms, str) else tuple(arms) if isinstance(arms, list) else arms
+    def _as_tuple(cls, value: Any) -> Any:  # YAML and state.json give a list; one item may be written bare
+        return (value,) if isinstance(value, (str, int, float)) else tuple(value) if isinstance(value, list) else value
+
+    @field_validator("compressions")
+    @classmethod
+    def _reductions(cls, compressions: tuple[float, ...]) -> tuple[float, ...]:
+        for c in compressions:
+            if not c > 1:
+                raise PydanticCustomError("spec_rule", "{message}", {
+                    "message": f"compression {c:g} is not a MACs reduction",
+                    "hint": "use factors above 1, e.g. compressions: [2, 3, 4] (2: half the base's MACs)"})
+        return compressions
 
     @field_validator("arms")
     @classmethod
     def _known_arms(cls, arms: tuple[str, ...]) -> tuple[str, ...]:
         for arm in arms:
-            if arm not in ARMS:
-                raise PydanticCustomError("spec_rule", "{message}", {"message": f"unknown arm {arm!r}",
-                                                                     "hint": f"use some of {', '.join(default_arms())}"})
+            if not is_arm(arm):
+                raise PydanticCustomError("spec_rule", "{message}", {
+                    "message": f"unknown arm {arm!r}",
+                    "hint": f"use some of {', '.join(default_arms())}, or ALLOCATION@Cx with ALLOCATION one of "
+                            f"{', '.join(ALLOCATIONS)} (e.g. lamp@2x)"})
         if ADAPTIVE not in arms:
             raise PydanticCustomError("spec_rule", "{message}", {"message": f"must include {ADAPTIVE!r}",
                                                                  "hint": "the adaptive arm is the method itself"})
         return arms
+
+    @property
+    def arms_to_run(self) -> tuple[str, ...]:
+        """``arms``, then every allocation at each of ``compressions`` (``tau@2x``, ``uniform@2x``, …)."""
+        extra = [compression_arm(a, c) for c in self.compressions for a in ALLOCATIONS]
+        return (*self.arms, *(e for e in extra if e not in self.arms))
 
 
 class ResourceSpec(_Part):

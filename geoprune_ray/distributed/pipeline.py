@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import functools
 import logging
 import os
 import tempfile
@@ -53,7 +54,7 @@ from ..core.method import Controller, PruneTarget, probe_ratios
 from ..core.protocol import SCHEMA_VERSION
 from ..core.artifact import ModelCard, save_pruned
 from ..core.provenance import provenance
-from ..core.pruning import dependency_groups, macs_params, replay_pruning
+from ..core.pruning import dependency_groups, global_allocation, macs_params, replay_pruning
 from ..core.reference import resolve
 from ..core.rundir import RunDir
 from ..core.spec import JobSpec
@@ -282,7 +283,7 @@ class Pipeline:
             # actors and tasks measure, so an unpruned copy still gives ΔG = 0 exactly. It is measured while this
             # thread starts the experiment. Processes on a GPU measure their own.
             pool.hand(ctx.model, ctx.calibration, measure_g0=not res.use_gpu)  # they load while the experiment starts
-        arms_wanted = list(spec.protocol.arms)
+        arms_wanted = list(spec.protocol.arms_to_run)
         concurrent = side_by_side(res, len(arms_wanted))
         arm_scaling = finetune_scaling(res, concurrent)
         # Early fine-tunes only where this driver is the cluster's only one (an embedded Ray): on a shared cluster
@@ -403,7 +404,7 @@ class Pipeline:
         if self.stage("speed") or not self.spec.protocol.speed:
             return
         started = time.time()
-        tuned = {**{arm: t for arm, t in ctx.arms.items() if arm_registry.ARMS[arm].timed},
+        tuned = {**{arm: t for arm, t in ctx.arms.items() if arm_registry.arm(arm).timed},
                  **{f"step {t['step']}": t for t in ctx.trials if t["kind"] == "step" and t.get("ray_train")}}
         log.info("stage speed: timing the base and %d fine-tuned model(s) as %s runs them", len(tuned),
                  self.spec.deploy)
@@ -461,8 +462,14 @@ class Pipeline:
             def measure_many(ratios_list, size_only: bool = False) -> list[dict[str, Any]]:
                 return pool.map("size" if size_only else "measure", [(r,) for r in ratios_list])
 
+            @functools.lru_cache(maxsize=None)
+            def global_ratios(importance_name: str, ratio: float) -> dict[str, float]:
+                return global_allocation(ctx.model, ratio, ctx.target.input_shape, ctx.target.num_classes,
+                                         importance_name, cfg.r_max)
+
             plans = protocol.settle_arms(arms_wanted, r_star, final_ratios, found["budget"], ctx.channels, cfg,
-                                         measure_many, ctx.base_macs, ctx.base_params, protocol.step_at(ctl, r_star))
+                                         measure_many, ctx.base_macs, ctx.base_params, protocol.step_at(ctl, r_star),
+                                         budgets=found["budgets"], global_ratios=global_ratios)
             self._done("arms", arms_started, plans={arm: plan.to_dict() for arm, plan in plans.items()})
             failpoint("arms:end")
         ray.get(ctx.progress.board.publish.remote(self.stage("arms")["plans"]))
@@ -572,7 +579,7 @@ class Pipeline:
             "probe_accuracy": ({k: self.stage("probes")[k] for k in ("base_top1", "spearman_delta_g_top1_drop")}
                                if "base_top1" in self.stage("probes") else None),
             "arms": [{**protocol.arm_row(ctx.plans[name], arms[name]), **headline(speed, name)}
-                     for name in spec.protocol.arms if name in arms],
+                     for name in spec.protocol.arms_to_run if name in arms],
             "speed": self._speed_record() or None,
             "timeline": self.timeline(ctx.trials),
         })
