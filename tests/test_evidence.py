@@ -87,3 +87,51 @@ def test_committed_evidence_regenerates_the_published_table():
         probes = pd.DataFrame(r["probes"])
         assert r["spearman_delta_g_top1_drop"] == pytest.approx(
             probes["delta_g"].corr(probes["top1_drop"], method="spearman"))
+
+
+def test_render_allocations_over_seeds():
+    """The allocation section on known records (two seeds, two compressions): means, paired signs against τ_L
+    weights, Spearman over allocations with its permutation p-value, and the r* check, worked out by hand."""
+    from geoprune_ray.app import allocations
+
+    def arm(alloc, c, before, after, dg, gap=0.001):
+        return {"arm": f"{alloc}@{c:g}x", "method": f"{alloc} at {c:g}×", "r": 0.3, "macs_m": 1.0 / c,
+                "params_m": 0.1, "top1_before_finetune": before, "top1": after, "delta_g": dg, "delta_g_after": 0.0,
+                "macs_gap": gap, "allocation": alloc, "compression": c}
+
+    def record(seed, shift):
+        arms = [{"arm": "baseline", "method": "Baseline", "r": 0.0, "macs_m": 1.0, "params_m": 0.2,
+                 "top1_before_finetune": 90.0, "top1": 91.0, "delta_g": 0.0, "delta_g_after": 0.0},
+                {"arm": "adaptive", "method": "Adaptive GC", "r": 0.25, "macs_m": 0.625, "params_m": 0.1,
+                 "top1_before_finetune": 85.0, "top1": 90.8 - shift, "delta_g": 0.1, "delta_g_after": 0.0}]
+        # ΔG rises exactly as top-1 after fine-tune falls: Spearman 1 over all eight allocation models
+        for i, (alloc, c) in enumerate((a, c) for c in (2, 4) for a in ("tau", "uniform", "magnitude", "lamp")):
+            arms.append(arm(alloc, c, 80.0 - i, 90.6 - i * 0.5 - shift, 0.1 + 0.01 * i))
+        return {"evidence_version": 1, "job": f"seed-{seed}", "seed": seed, "model": {"arch": "m", "width": 1.0},
+                "dataset": {"name": "d", "train_size": 10, "test_size": 5},
+                "protocol": {"baseline_epochs": 1, "finetune_epochs": 1,
+                             "finetune_recipe": {"momentum": 0.9, "lr": 0.02, "schedule": "cosine",
+                                                 "weight_decay": 0.0, "label_smoothing": 0.1, "batch_size": 8,
+                                                 "augment": True}},
+                "g_noise": 0.01, "tau": 0.1, "r_star": 0.25 + shift / 10, "controller_steps": 3,
+                "baseline": {"macs": 1e6, "top1": 90.0}, "arms": arms, "probes": [],
+                "spearman_delta_g_top1_drop": None, "groups": []}
+
+    records = [record(0, 0.0), record(1, 0.2)]
+    text = render(records)
+    assert "## Allocations at fixed compression" in text
+    # τ_L weights at 2×: top-1 after 90.6 and 90.4
+    assert "| 2× | τ_L weights | 2.00 ± 0.00× | 0.10 ± 0.00% | 0.1000 ± 0.0000 | 80.00 ± 0.00 | 90.50 ± 0.14 |" in text
+    # LAMP at 4× is the 8th model: 1.5 points behind τ_L weights at 4× (the 5th) in both seeds
+    assert "| 4× | LAMP | -3.00 ± 0.00 (-3.00, -3.00) | -1.50 ± 0.00 (-1.50, -1.50) | 2 of 2 |" in text
+    rho, p = allocations.spearman_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], [1, 2, 3, 4, 5, 6, 7, 8])
+    assert rho == pytest.approx(1.0) and p == pytest.approx(1 / (allocations.PERMUTATIONS + 1))
+    assert "| 0 | 1.00 (8) | 0.0001 | 1.00 | 1.00 |" in text
+    assert allocations.spearman_test([0.1, 0.1, 0.1], [1, 2, 3]) == (None, None)  # undefined: no ranking
+    # the r* check: fine-tuned baseline 91.0; seed 0's τ_L curve 2× 90.6, 4× 88.6, r* (1.6×) 90.8
+    check = allocations.r_star_check(records[0])
+    assert check["reduction"] == pytest.approx(1.6) and check["reference_top1"] == 91.0
+    assert check["within_0.5"] == pytest.approx(2.0) and check["within_1"] == pytest.approx(2.0)
+    assert allocations.r_star_check(records[1])["within_0.5"] == pytest.approx(1.6)  # 2×: 90.4 < 90.5
+    assert "| 1 | 0.270 | 1.60× | 90.60 | 91.00 | 1.60× | 2.00× |" in text
+    assert "r* over seeds: 0.260 ± 0.014" in text

@@ -5,7 +5,8 @@ plain record: the arms before and after the shared fine-tune, the probes' ΔG an
 τ, G_noise and the per-group ratios. ``render`` turns records (one per seed) into markdown:
 mean ± sample std over seeds, the per-seed paired difference Adaptive GC − Uniform L2,
 Spearman(ΔG, top-1 drop) over the probes, τ's coefficient of variation, and the ratios the method
-chose per group. ``geoprune evidence`` writes both; run on a folder of the JSONs it re-renders
+chose per group; where the runs have allocation arms at fixed compressions, ``app.allocations``' section and
+plot (``allocations.png``). ``geoprune evidence`` writes both; run on a folder of the JSONs it re-renders
 the table, which is how the committed results are checked (tests/test_evidence.py).
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..core.arms import arm_names
+from . import allocations
 from ..core.rundir import RunDir
 from ..errors import GeopruneError
 
@@ -53,7 +55,8 @@ def collect(location: str | Path) -> dict[str, Any]:
         "controller_steps": len(summary["controller"]["steps"]),
         "baseline": summary["baseline"],
         "arms": [{k: arm[k] for k in ("arm", "method", "r", "macs_m", "params_m", "top1_before_finetune", "top1",
-                                      "delta_g", "delta_g_after")} for arm in summary["arms"]],
+                                      "delta_g", "delta_g_after", "macs_gap", "allocation", "compression")
+                  if k in arm} for arm in summary["arms"]],
         "probes": [{"ratio": p["ratio"], "delta_g": p["delta_g"],
                     **({"top1": p["top1"], "top1_drop": p["top1_drop"]} if "top1_drop" in p else {})}
                    for p in probes],
@@ -115,6 +118,12 @@ def _arm(record: dict[str, Any], name: str) -> Optional[dict[str, Any]]:
     return next((a for a in record["arms"] if a["arm"] == name), None)
 
 
+def measured_cells(arms: Sequence[dict[str, Any]]) -> str:
+    """The last cells of an arm's row over seeds: ΔG before fine-tune, top-1 before and after fine-tune."""
+    return (f"{_pm([a['delta_g'] for a in arms], 4)} | {_pm([a['top1_before_finetune'] for a in arms])} | "
+            f"{_pm([a['top1'] for a in arms])} |")
+
+
 def render(records: Sequence[dict[str, Any]]) -> str:
     """The evidence table(s) in markdown; deterministic for the same records."""
     if not records:
@@ -144,8 +153,7 @@ def render(records: Sequence[dict[str, Any]]) -> str:
         arms = [a for a, _ in rows]
         lines.append(f"| {arms[0]['method']} | {_pm([a['r'] for a in arms], 3)} | {_pm([a['macs_m'] for a in arms], 3)} | "
                      f"{_pm([a['macs_m'] * 1e6 / r['baseline']['macs'] for a, r in rows], 3)} | "
-                     f"{_pm([a['params_m'] for a in arms], 4)} | {_pm([a['delta_g'] for a in arms], 4)} | "
-                     f"{_pm([a['top1_before_finetune'] for a in arms])} | {_pm([a['top1'] for a in arms])} |")
+                     f"{_pm([a['params_m'] for a in arms], 4)} | {measured_cells(arms)}")
     paired = [(a, u) for a, u in ((_arm(r, "adaptive"), _arm(r, "uniform")) for r in records) if a and u]
     if paired:
         before = [a["top1_before_finetune"] - u["top1_before_finetune"] for a, u in paired]
@@ -172,6 +180,7 @@ def render(records: Sequence[dict[str, Any]]) -> str:
         rows = [g for r in records for g in r["groups"] if g["group"] == name]
         lines.append(f"| {name} | {rows[0]['channels']} | {_pm([g['tau_l'] for g in rows], 4)} | "
                      f"{_pm([g['ratio'] for g in rows], 3)} |")
+    lines += allocations.render(records)
     return "\n".join(lines) + "\n"
 
 
@@ -197,6 +206,7 @@ def write_evidence(source: str | Path, output: Optional[str | Path] = None) -> t
         for record in records:
             run.write_json(f"{record['job']}.json", record)
     run.write_bytes("evidence.md", text.encode())
+    allocations.plot(records, out / "allocations.png")
     return out / "evidence.md", records
 
 
