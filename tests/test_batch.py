@@ -60,3 +60,17 @@ def test_batch_runs_two_architectures_concurrently(ray_cluster, digits_weights, 
     assert "| convnet | convnet | digits | Adaptive GC |" in table and "| resnet18 | resnet18 |" in table
     assert (storage / "plots" / "batch.png").stat().st_size > 0
     assert (storage / "convnet" / "report.md").exists() and (storage / "resnet18" / "report.md").exists()
+
+    # --only runs some of the batch's jobs (one seed per sitting): the finished convnet run is resumed, nothing else
+    resnet_summary = (storage / "resnet18" / "summary.json").read_bytes()
+    assert main(["batch", str(tmp_path / "batch.yaml"), "--storage", str(storage), "--only", "convnet"]) == 0
+    assert set(json.loads((storage / "batch.json").read_text())["jobs"]) == {"convnet"}
+    assert (storage / "resnet18" / "summary.json").read_bytes() == resnet_summary  # left as it was
+
+
+def test_batch_only_names_jobs_of_the_batch(tmp_path, capsys):
+    (tmp_path / "batch.yaml").write_text(yaml.safe_dump({"name": "b", "jobs": [{"name": "seed-0"}, {"name": "seed-1"}]}))
+    code = main(["batch", str(tmp_path / "batch.yaml"), "--storage", str(tmp_path / "runs"), "--only", "seed-2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--only seed-2: no job 'seed-2' in the batch" in err and "seed-0, seed-1" in err
+    assert not (tmp_path / "runs").exists()

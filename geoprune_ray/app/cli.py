@@ -205,7 +205,15 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     batch = load_batch(args.batch)
     storage = args.storage or f"runs/{batch.name}"
-    _resume_with(f"geoprune batch {args.batch} --storage {storage}")
+    if args.only:
+        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+        names = [job.name for job in batch.jobs]
+        unknown = [n for n in wanted if n not in names]
+        if unknown or not wanted:
+            raise GeopruneError(f"--only {args.only}: no job {', '.join(map(repr, unknown)) or 'named'} in the batch",
+                                f"name some of its jobs, comma-separated: {', '.join(names)}")
+        batch = batch.model_copy(update={"jobs": tuple(job for job in batch.jobs if job.name in wanted)})
+    _resume_with(f"geoprune batch {args.batch} --storage {storage}" + (f" --only {args.only}" if args.only else ""))
     if args.address and args.address.startswith(("http://", "https://")):
         from .submit import submit_batch
 
@@ -367,6 +375,9 @@ def _add_batch(sub) -> None:
                        epilog="example: geoprune batch jobs/paper_cifar100.yaml --storage runs/paper")
     p.add_argument("batch", help="a batch spec (YAML): name, defaults, jobs")
     p.add_argument("--storage", default=None, help="the batch folder; each job runs in STORAGE/JOB_NAME")
+    p.add_argument("--only", default=None, metavar="JOB[,JOB]",
+                   help="run only these jobs of the batch (e.g. one seed per sitting); the others' folders are left "
+                        "as they are, and 'geoprune evidence STORAGE' reads every finished one")
     _add_address(p, "; a dashboard URL (http://HOST:8265) submits each job through the Jobs API")
     p.set_defaults(func=cmd_batch)
 
