@@ -135,3 +135,31 @@ def test_render_allocations_over_seeds():
     assert allocations.r_star_check(records[1])["within_0.5"] == pytest.approx(1.6)  # 2×: 90.4 < 90.5
     assert "| 1 | 0.270 | 1.60× | 90.60 | 91.00 | 1.60× | 2.00× |" in text
     assert "r* over seeds: 0.260 ± 0.014" in text
+
+
+def test_render_r_star_over_baselines_of_one_seed():
+    """Runs of one method seed on three baselines: r*'s range against one controller step, said in words."""
+    def record(job, seed, baseline_seed, r_star, tau):
+        return {"evidence_version": 1, "job": job, "seed": seed, "baseline_seed": baseline_seed,
+                "controller_delta": 0.05, "model": {"arch": "m", "width": 1.0},
+                "dataset": {"name": "d", "train_size": 10, "test_size": 5},
+                "protocol": {"baseline_epochs": 1, "finetune_epochs": 1,
+                             "finetune_recipe": {"momentum": 0.9, "lr": 0.02, "schedule": "cosine",
+                                                 "weight_decay": 0.0, "label_smoothing": 0.1, "batch_size": 8,
+                                                 "augment": True}},
+                "g_noise": 0.01, "tau": tau, "r_star": r_star, "controller_steps": 3,
+                "baseline": {"macs": 1e6, "top1": 88.0},
+                "arms": [{"arm": "adaptive", "method": "Adaptive GC", "r": r_star, "macs_m": 0.5, "params_m": 0.1,
+                          "top1_before_finetune": 80.0, "top1": 87.0, "delta_g": 0.1, "delta_g_after": 0.05}],
+                "probes": [], "spearman_delta_g_top1_drop": None, "groups": []}
+
+    records = [record("seed-0", 0, 0, 0.10, 0.15), record("seed-0-baseline-1", 0, 1, 0.20, 0.17),
+               record("seed-0-baseline-2", 0, 2, 0.15, 0.16), record("seed-1", 1, 1, 0.12, 0.15)]
+    text = render(records)
+    assert "## r* and baseline noise" in text
+    assert "| seed-0-baseline-1 | 0 | 1 | 88.00 | 0.1700 | 0.200 | 2.00× | 87.00 |" in text
+    assert ("Seed 0, 3 baselines: r* 0.150 ± 0.050, range 0.100 (more than one controller step, δ = 0.05); "
+            "τ 0.1600 ± 0.0100.") in text
+    assert "Over seeds (one baseline each): r* 0.110 ± 0.014, range 0.020." in text
+    assert "Baseline noise alone moves r* by up to 0.100, more than one controller step." in text
+    assert "r* and baseline noise" not in render([records[0], records[3]])  # one baseline per seed: no section

@@ -107,7 +107,8 @@ def test_to_dict_keeps_the_shape_that_state_json_holds():
         "data": {"name": "fashion-mnist", "data_dir": None, "download": False},
         "protocol": {"baseline_epochs": 5, "finetune_epochs": 3, "batch_size": 256, "lr": 0.2,
                      "arms": ("adaptive", "baseline", "gc", "uniform"), "finetune_all": False,
-                     "probe_accuracy": False, "step_capture": False, "speed": True, "compressions": ()},
+                     "probe_accuracy": False, "step_capture": False, "speed": True, "compressions": (),
+                     "baseline_seed": None},
         "resources": {"probe_actors": 2, "cpus_per_actor": 0.25, "gpus_per_actor": None, "workers": 1,
                       "cpus_per_worker": 1.0, "gpus_per_worker": None, "use_gpu": None, "sensitivity_tasks": None,
                       "wait_for_gpu_s": 0.0},
@@ -212,3 +213,13 @@ def test_deploy_sets_the_channel_rounding_unless_the_method_sets_it():
     with pytest.raises(GeopruneError) as err:
         JobSpec.from_dict({"name": "j", "deploy": "tpu"})
     assert "deploy" in str(err.value) and "cpu, cuda, cuda-bf16" in str(err.value)
+
+
+def test_the_baseline_seed_defaults_to_the_jobs_and_moves_only_the_baseline():
+    spec = JobSpec.from_dict({"seed": 3})
+    assert spec.baseline_seed() == 3 == spec.baseline_config().seed == spec.method_config().seed
+    other = JobSpec.from_dict({"seed": 3, "protocol": {"baseline_seed": 7}})
+    assert other.baseline_seed() == 7 == other.baseline_config().seed
+    assert other.method_config() == spec.method_config() and other.finetune_config() == spec.finetune_config()
+    with pytest.raises(GeopruneError, match="protocol.baseline_seed"):
+        JobSpec.from_dict({"protocol": {"baseline_seed": -1}})

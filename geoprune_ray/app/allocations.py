@@ -174,6 +174,44 @@ def render(records: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def render_r_star_stability(records: Sequence[dict[str, Any]]) -> list[str]:
+    """How far baseline noise alone moves τ and r*: for each seed of the method (its calibration sample and probe
+    ratios) run on several baselines (``protocol.baseline_seed``), the spread of r* over those baselines against
+    its spread over seeds, and whether it exceeds one controller step. Empty unless some seed has several baselines."""
+    by_seed: dict[int, list[dict[str, Any]]] = {}
+    for r in records:
+        by_seed.setdefault(r["seed"], []).append(r)
+    if not any(len({r.get("baseline_seed", r["seed"]) for r in group}) > 1 for group in by_seed.values()):
+        return []
+    step = next((r["controller_delta"] for r in records if r.get("controller_delta")), 0.05)
+    lines = ["", "## r* and baseline noise", "",
+             "Runs that differ only in the baseline (its initialisation and data order, `protocol.baseline_seed`): "
+             "the same method seed, so the same calibration sample and probe ratios.", "",
+             "| job | seed | baseline seed | baseline top-1 (%) | τ | r* | Adaptive GC MACs reduction | top-1 after (%) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["seed"], r.get("baseline_seed", r["seed"]), r["job"])):
+        adaptive = next(a for a in r["arms"] if a["arm"] == "adaptive")
+        lines.append(f"| {r['job']} | {r['seed']} | {r.get('baseline_seed', r['seed'])} | "
+                     f"{r['baseline']['top1']:.2f} | {r['tau']:.4f} | {r['r_star']:.3f} | "
+                     f"{_reduction(r, adaptive):.2f}× | {adaptive['top1']:.2f} |")
+    spreads = []
+    for seed, group in sorted(by_seed.items()):
+        if len(group) > 1:
+            stars = [r["r_star"] for r in group]
+            spreads.append(max(stars) - min(stars))
+            lines.append("")
+            lines.append(f"Seed {seed}, {len(group)} baselines: r* {_pm(stars, 3)}, range {max(stars) - min(stars):.3f} "
+                         f"({'more' if max(stars) - min(stars) > step else 'no more'} than one controller step, "
+                         f"δ = {step:g}); τ {_pm([r['tau'] for r in group], 4)}.")
+    firsts = [next((r for r in group if r.get("baseline_seed", seed) == seed), group[0])["r_star"]
+              for seed, group in sorted(by_seed.items())]  # each seed on its own baseline
+    if len(firsts) > 1:
+        lines.append(f"Over seeds (one baseline each): r* {_pm(firsts, 3)}, range {max(firsts) - min(firsts):.3f}.")
+    if spreads and max(spreads) > step:
+        lines.append(f"Baseline noise alone moves r* by up to {max(spreads):.3f}, more than one controller step.")
+    return lines
+
+
 def _fmt(value: Optional[float], digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -223,4 +261,5 @@ def plot(records: Sequence[dict[str, Any]], path: str | Path) -> Optional[Path]:
     return out
 
 
-__all__ = ["compressions", "delta_g_ranking", "has_allocations", "plot", "r_star_check", "render", "spearman_test"]
+__all__ = ["compressions", "delta_g_ranking", "has_allocations", "plot", "r_star_check", "render",
+           "render_r_star_stability", "spearman_test"]

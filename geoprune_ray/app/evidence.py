@@ -43,6 +43,9 @@ def collect(location: str | Path) -> dict[str, Any]:
         "run_id": summary["run_id"],
         "job": job["name"],
         "seed": job["seed"],
+        "baseline_seed": job["protocol"].get("baseline_seed") if job["protocol"].get("baseline_seed") is not None
+        else job["seed"],
+        "controller_delta": summary["config"]["method"].get("delta"),
         "model": {k: summary["model"][k] for k in ("arch", "width", "num_classes", "input_shape")
                   if k in summary["model"]},
         "dataset": summary["dataset"],
@@ -181,6 +184,7 @@ def render(records: Sequence[dict[str, Any]]) -> str:
         lines.append(f"| {name} | {rows[0]['channels']} | {_pm([g['tau_l'] for g in rows], 4)} | "
                      f"{_pm([g['ratio'] for g in rows], 3)} |")
     lines += allocations.render(records)
+    lines += allocations.render_r_star_stability(records)
     return "\n".join(lines) + "\n"
 
 

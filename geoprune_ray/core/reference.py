@@ -115,7 +115,8 @@ def adaptive_prune(model: nn.Module | str, train_set: Dataset | str, test_set: D
     cfg = with_rounding(method or MethodConfig(), deploy)
     ft_cfg = finetune_cfg or finetune_defaults()
     device = pick_device(device)
-    torch.manual_seed(cfg.seed)  # a zoo model is initialised as the Ray pipeline initialises it
+    # a zoo model is initialised as the Ray pipeline initialises it: with the baseline's seed when it is trained here
+    torch.manual_seed(baseline.seed if baseline is not None else cfg.seed)
     model, train_set, test_set, card = resolve(model, train_set, test_set, width=width, weights=weights,
                                                input_size=input_size, data_dir=data_dir, download=download,
                                                arch=arch)

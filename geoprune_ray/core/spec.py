@@ -73,6 +73,9 @@ class ProtocolSpec(_Part):
     # also prune to each of these MACs reductions with every allocation of ``core.arms.ALLOCATIONS`` (the method's
     # τ_L weights, uniform L2, global magnitude, LAMP), each fine-tuned like the arms: ``arms_to_run``
     compressions: tuple[float, ...] = ()
+    # the baseline's own seed (its initialisation and data order; None: the job's ``seed``). With ``model.weights``
+    # unset, runs that differ only here measure how far baseline noise alone moves τ and r* (issue 16)
+    baseline_seed: Optional[Seed] = None
 
     @field_validator("arms", "compressions", mode="before")
     @classmethod
@@ -167,10 +170,14 @@ class JobSpec(Spec):
         cfg = MethodConfig.from_dict({"seed": self.seed, **self.method}, where="method.", kind=self.KIND)
         return with_rounding(cfg, self.deploy)
 
+    def baseline_seed(self) -> int:
+        """The seed of the baseline's initialisation and training: ``protocol.baseline_seed``, else ``seed``."""
+        return self.seed if self.protocol.baseline_seed is None else self.protocol.baseline_seed
+
     def baseline_config(self) -> TrainConfig:
         p = self.protocol
         return TrainConfig.from_dict({"epochs": p.baseline_epochs, "batch_size": p.batch_size, "lr": p.lr,
-                                      "seed": self.seed, "capture": p.step_capture})
+                                      "seed": self.baseline_seed(), "capture": p.step_capture})
 
     def finetune_config(self) -> TrainConfig:
         p = self.protocol

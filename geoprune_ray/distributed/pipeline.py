@@ -177,7 +177,7 @@ class Pipeline:
         """Build the model, load its weights and the data: bad input fails here, before Ray starts."""
         if self._resolved is None:
             spec = self.spec
-            torch.manual_seed(spec.seed)
+            torch.manual_seed(spec.baseline_seed())
             self._resolved = resolve(spec.model.name, spec.data.name, spec.data.name, width=spec.model.width,
                                      weights=spec.model.weights, input_size=spec.model.input_size,
                                      data_dir=spec.data.data_dir, download=spec.data.download)
