@@ -161,5 +161,24 @@ def test_render_r_star_over_baselines_of_one_seed():
     assert ("Seed 0, 3 baselines: r* 0.150 ± 0.050, range 0.100 (more than one controller step, δ = 0.05); "
             "τ 0.1600 ± 0.0100.") in text
     assert "Over seeds (one baseline each): r* 0.110 ± 0.014, range 0.020." in text
+    # seed 1 ran on baseline 1 too: one baseline, two method seeds
+    assert "Baseline seed 1, 2 method seeds: r* 0.160 ± 0.057, range 0.080." in text
     assert "Baseline noise alone moves r* by up to 0.100, more than one controller step." in text
     assert "r* and baseline noise" not in render([records[0], records[3]])  # one baseline per seed: no section
+
+
+def test_committed_r_star_runs_regenerate_their_table():
+    """bench/results/rstar_baselines: the quickstart on five baselines (jobs/rstar_baselines.yaml). Its evidence.md
+    and the "r* and baseline noise" section quoted in BENCHMARKS.md are what the JSON renders to."""
+    folder = ROOT / "bench" / "results" / "rstar_baselines"
+    records = load_records(folder)
+    text = render(records)
+    assert (folder / "evidence.md").read_text() == text
+    section = text[text.index("## r* and baseline noise"):]
+    assert section.replace("## ", "### ", 1) in (ROOT / "BENCHMARKS.md").read_text()
+    assert sorted((r["seed"], r["baseline_seed"]) for r in records) == [(0, 0), (0, 1), (0, 2), (1, 1), (2, 2)]
+    # the runs on one baseline seed trained the same baseline (deterministic training on one machine)
+    top1 = {}
+    for r in records:
+        top1.setdefault(r["baseline_seed"], set()).add(r["baseline"]["top1"])
+    assert all(len(v) == 1 for v in top1.values()), top1

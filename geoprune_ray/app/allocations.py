@@ -203,12 +203,21 @@ def render_r_star_stability(records: Sequence[dict[str, Any]]) -> list[str]:
             lines.append(f"Seed {seed}, {len(group)} baselines: r* {_pm(stars, 3)}, range {max(stars) - min(stars):.3f} "
                          f"({'more' if max(stars) - min(stars) > step else 'no more'} than one controller step, "
                          f"δ = {step:g}); τ {_pm([r['tau'] for r in group], 4)}.")
+    by_baseline: dict[int, list[dict[str, Any]]] = {}
+    for r in records:
+        by_baseline.setdefault(r.get("baseline_seed", r["seed"]), []).append(r)
+    for baseline, group in sorted(by_baseline.items()):
+        if len({r["seed"] for r in group}) > 1:  # one baseline, several method seeds (calibration sample, probes)
+            stars = [r["r_star"] for r in group]
+            lines.append(f"Baseline seed {baseline}, {len(group)} method seeds: r* {_pm(stars, 3)}, range "
+                         f"{max(stars) - min(stars):.3f}.")
     firsts = [next((r for r in group if r.get("baseline_seed", seed) == seed), group[0])["r_star"]
               for seed, group in sorted(by_seed.items())]  # each seed on its own baseline
     if len(firsts) > 1:
         lines.append(f"Over seeds (one baseline each): r* {_pm(firsts, 3)}, range {max(firsts) - min(firsts):.3f}.")
-    if spreads and max(spreads) > step:
-        lines.append(f"Baseline noise alone moves r* by up to {max(spreads):.3f}, more than one controller step.")
+    if spreads:
+        lines.append(f"Baseline noise alone moves r* by up to {max(spreads):.3f}, "
+                     f"{'more than' if max(spreads) > step else 'within'} one controller step.")
     return lines
 
 
