@@ -161,16 +161,25 @@ def _uniform(s: Settling) -> ArmPlan:
     if adaptive.macs >= s.base_macs:
         return ArmPlan("uniform", 0.0, 0.0, 0.0, s.base_macs, s.base_params, match={"gap": 0.0, "adjusted": {}})
 
+    return matched_plan(s, "uniform", "Uniform L2", adaptive.macs, "Adaptive GC's MACs")
+
+
+def matched_plan(s: Settling, name: str, label: str, target: float, what: str,
+                 allocation: Optional[Callable[[float], Mapping[str, float]]] = None) -> ArmPlan:
+    """The plan of an allocation (default one ratio for every group) bisected to ``target`` MACs within ±1%
+    (``method.match_macs``), measured once; where integer channel counts allow no closer match, the gap reached is
+    recorded and a warning says so."""
+
     def macs_of(ratios: Mapping[str, float] | float) -> float:
         return s.measure_many([ratios], size_only=True)[0]["macs"]
 
-    m = match_macs(adaptive.macs, macs_of, s.channels, s.cfg.r_max, round_to=s.cfg.round_to)
+    m = match_macs(target, macs_of, s.channels, s.cfg.r_max, round_to=s.cfg.round_to, allocation=allocation)
     if not m.within:
-        log.warning("Uniform L2 reached %+.2f%% of Adaptive GC's MACs, not ±1%%: integer channel counts allow no "
-                    "closer match (recorded in the arms table)", 100 * m.gap)
+        log.warning("%s reached %+.2f%% of %s, not ±1%%: integer channel counts allow no closer match (recorded in "
+                    "the arms table)", label, 100 * m.gap, what)
     (rec,) = s.measure_many([m.ratios])
-    return ArmPlan("uniform", m.ratio, m.ratios, rec["delta_g"], rec["macs"], rec["params"],
-                   match={"gap": m.gap, "adjusted": m.adjusted, "within": m.within, "macs_target": adaptive.macs})
+    return ArmPlan(name, m.ratio, m.ratios, rec["delta_g"], rec["macs"], rec["params"],
+                   match={"gap": m.gap, "adjusted": m.adjusted, "within": m.within, "macs_target": target})
 
 
 # ---------------------------------------------------------------- allocations at a fixed compression (issue 16)
@@ -236,19 +245,8 @@ def _compression_arm(allocation: str, compression: float) -> Arm:
     name = compression_arm(allocation, compression)
 
     def choose(s: Settling) -> ArmPlan:
-        target = s.base_macs / compression
-
-        def macs_of(ratios: Mapping[str, float] | float) -> float:
-            return s.measure_many([ratios], size_only=True)[0]["macs"]
-
-        m = match_macs(target, macs_of, s.channels, s.cfg.r_max, round_to=s.cfg.round_to,
-                       allocation=lambda x: alloc.ratios(s, x))
-        if not m.within:
-            log.warning("%s reached %+.2f%% of %g× fewer MACs, not ±1%%: integer channel counts allow no closer "
-                        "match (recorded in the arms table)", alloc.label, 100 * m.gap, compression)
-        (rec,) = s.measure_many([m.ratios])
-        return ArmPlan(name, m.ratio, m.ratios, rec["delta_g"], rec["macs"], rec["params"],
-                       match={"gap": m.gap, "adjusted": m.adjusted, "within": m.within, "macs_target": target})
+        return matched_plan(s, name, alloc.label, s.base_macs / compression, f"the base's MACs ÷ {compression:g}",
+                            allocation=lambda x: alloc.ratios(s, x))
 
     return Arm(name, f"{alloc.label} at {compression:g}×", alloc.color, choose)
 
