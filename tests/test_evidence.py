@@ -121,7 +121,8 @@ def test_render_allocations_over_seeds():
     text = render(records)
     assert "## Allocations at fixed compression" in text
     # τ_L weights at 2×: top-1 after 90.6 and 90.4
-    assert "| 2× | τ_L weights | 2.00 ± 0.00× | 0.10 ± 0.00% | 0.1000 ± 0.0000 | 80.00 ± 0.00 | 90.50 ± 0.14 |" in text
+    assert ("| 2× | τ_L weights | 2.00 ± 0.00× | 0.10 ± 0.00% | 0.1000 ± 0.0000 | 80.00 ± 0.00 | 90.50 ± 0.14 | "
+            "0.0000 ± 0.0000 |") in text
     # LAMP at 4× is the 8th model: 1.5 points behind τ_L weights at 4× (the 5th) in both seeds
     assert "| 4× | LAMP | -3.00 ± 0.00 (-3.00, -3.00) | -1.50 ± 0.00 (-1.50, -1.50) | 2 of 2 |" in text
     rho, p = allocations.spearman_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], [1, 2, 3, 4, 5, 6, 7, 8])

@@ -113,7 +113,7 @@ def render(records: Sequence[dict[str, Any]]) -> list[str]:
              "rounding and the same fine-tune as every arm. τ_L weights is the method's allocation (METHOD.md §5), "
              "bisected to the MACs instead of stopped by the controller. Mean ± sample std over seeds.", "",
              "| compression | allocation | MACs reduction | MACs gap | ΔG before fine-tune | top-1 before fine-tune (%) | "
-             "top-1 after fine-tune (%) |", "|---|---|---|---|---|---|---|"]
+             "top-1 after fine-tune (%) | ΔG after fine-tune |", "|---|---|---|---|---|---|---|---|"]
     for c in levels:
         for name, alloc in ALLOCATIONS.items():
             rows = [(r, a) for r in records for a in _compression_arms(r)
@@ -121,7 +121,8 @@ def render(records: Sequence[dict[str, Any]]) -> list[str]:
             if rows:
                 gaps = [100 * a.get("macs_gap", float("nan")) for _, a in rows]
                 lines.append(f"| {c:g}× | {alloc.label} | {_pm([_reduction(r, a) for r, a in rows])}× | "
-                             f"{_pm(gaps)}% | {measured_cells([a for _, a in rows])}")
+                             f"{_pm(gaps)}% | {measured_cells([a for _, a in rows])} "
+                             f"{_pm([a['delta_g_after'] for _, a in rows], 4)} |")
     lines += ["", "Paired against τ_L weights at the same compression (percentage points, the allocation minus τ_L "
               "weights; negative: τ_L weights ahead), per seed:", "",
               "| compression | allocation | before fine-tune | after fine-tune | τ_L weights ahead after |",

@@ -135,9 +135,11 @@ def render(records: Sequence[dict[str, Any]]) -> str:
     model, data = first["model"], first["dataset"]
     recipe = first["protocol"]["finetune_recipe"]
     seeds = [r["seed"] for r in records]
+    over = "seeds" if len(set(seeds)) == len(seeds) else "runs"  # runs sharing a seed: on other baselines
     lines = [f"Evidence: {model['arch']} at width {model['width']}, {data['name']} "
-             f"({data['train_size']} train / {data['test_size']} test images), seeds {', '.join(map(str, seeds))} "
-             f"(n = {len(records)}); mean ± sample std over seeds.",
+             f"({data['train_size']} train / {data['test_size']} test images), "
+             f"{'seeds' if over == 'seeds' else 'runs of seeds'} {', '.join(map(str, seeds))} "
+             f"(n = {len(records)}); mean ± sample std over {over}.",
              "",
              f"Every arm gets the same fine-tune: {_epochs(first['protocol']['finetune_epochs'])}, SGD + Nesterov "
              f"(momentum {recipe['momentum']}), peak LR {recipe['lr']}, {recipe['schedule']} schedule, "
