@@ -193,6 +193,12 @@ def test_every_shipped_job_file_loads():
             assert sorted(j.seed for j in batch.jobs) == [0, 1, 2]
             assert all(j.protocol.probe_accuracy and set(j.protocol.arms) == {"adaptive", "baseline", "gc", "uniform"}
                        and j.method == {} for j in batch.jobs)
+            if f.name in ("evidence_allocations.yaml", "evidence_fashion_gpu.yaml"):  # issue 16's sweep
+                assert all(j.protocol.compressions == (2, 3, 4) for j in batch.jobs)
+        elif f.name == "rstar_baselines.yaml":  # one method seed on three baselines, two more seeds
+            batch = load_batch(f)
+            assert [(j.seed, j.baseline_seed()) for j in batch.jobs] == [(0, 0), (0, 1), (0, 2), (1, 1), (2, 2)]
+            assert all(j.protocol.arms == ("adaptive",) and j.method == {} for j in batch.jobs)
         elif "\njobs:" in text:
             batch = load_batch(f)
             assert [j.model.name for j in batch.jobs] == ["resnet50", "resnet18", "mobilenet_v2"]
