@@ -183,3 +183,22 @@ def test_committed_r_star_runs_regenerate_their_table():
     for r in records:
         top1.setdefault(r["baseline_seed"], set()).add(r["baseline"]["top1"])
     assert all(len(v) == 1 for v in top1.values()), top1
+
+
+def test_committed_allocation_evidence_regenerates_its_table():
+    """bench/results/evidence_allocations (jobs/evidence_allocations.yaml, one JSON per finished seed): its evidence.md
+    and the allocation section quoted in BENCHMARKS.md are what the JSON renders to; every allocation ran at every
+    compression, each at its target MACs within ±1% or with its gap recorded."""
+    folder = ROOT / "bench" / "results" / "evidence_allocations"
+    records = load_records(folder)
+    text = render(records)
+    assert (folder / "evidence.md").read_text() == text
+    section = text[text.index("## Allocations at fixed compression"):]
+    assert section.replace("## ", "### ", 1) in (ROOT / "BENCHMARKS.md").read_text()
+    for r in records:
+        at = {(a["allocation"], a["compression"]): a for a in r["arms"] if a.get("compression")}
+        assert set(at) == {(a, c) for a in ("tau", "uniform", "magnitude", "lamp") for c in (2, 3, 4)}
+        for (_, c), a in at.items():
+            target = r["baseline"]["macs"] / c
+            assert a["macs_gap"] == pytest.approx((a["macs_m"] * 1e6 - target) / target, abs=1e-6)
+        assert {a["arm"] for a in r["arms"]} >= {"adaptive", "baseline", "gc", "uniform"}
