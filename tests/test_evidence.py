@@ -168,15 +168,22 @@ def test_render_r_star_over_baselines_of_one_seed():
     assert "r* and baseline noise" not in render([records[0], records[3]])  # one baseline per seed: no section
 
 
-def test_committed_r_star_runs_regenerate_their_table():
-    """bench/results/rstar_baselines: the quickstart on five baselines (jobs/rstar_baselines.yaml). Its evidence.md
-    and the "r* and baseline noise" section quoted in BENCHMARKS.md are what the JSON renders to."""
-    folder = ROOT / "bench" / "results" / "rstar_baselines"
+def _committed(name: str, heading: str) -> list:
+    """The committed JSON of bench/results/NAME: its evidence.md is what they render to, and the section from
+    ``heading`` on is quoted in BENCHMARKS.md (one level down). Returns the records."""
+    folder = ROOT / "bench" / "results" / name
     records = load_records(folder)
     text = render(records)
     assert (folder / "evidence.md").read_text() == text
-    section = text[text.index("## r* and baseline noise"):]
+    section = text[text.index(heading):]
     assert section.replace("## ", "### ", 1) in (ROOT / "BENCHMARKS.md").read_text()
+    return records
+
+
+def test_committed_r_star_runs_regenerate_their_table():
+    """bench/results/rstar_baselines: the quickstart on five baselines (jobs/rstar_baselines.yaml). Its evidence.md
+    and the "r* and baseline noise" section quoted in BENCHMARKS.md are what the JSON renders to."""
+    records = _committed("rstar_baselines", "## r* and baseline noise")
     assert sorted((r["seed"], r["baseline_seed"]) for r in records) == [(0, 0), (0, 1), (0, 2), (1, 1), (2, 2)]
     # the runs on one baseline seed trained the same baseline (deterministic training on one machine)
     top1 = {}
@@ -189,12 +196,7 @@ def test_committed_allocation_evidence_regenerates_its_table():
     """bench/results/evidence_allocations (jobs/evidence_allocations.yaml, one JSON per finished seed): its evidence.md
     and the allocation section quoted in BENCHMARKS.md are what the JSON renders to; every allocation ran at every
     compression, each at its target MACs within ±1% or with its gap recorded."""
-    folder = ROOT / "bench" / "results" / "evidence_allocations"
-    records = load_records(folder)
-    text = render(records)
-    assert (folder / "evidence.md").read_text() == text
-    section = text[text.index("## Allocations at fixed compression"):]
-    assert section.replace("## ", "### ", 1) in (ROOT / "BENCHMARKS.md").read_text()
+    records = _committed("evidence_allocations", "## Allocations at fixed compression")
     for r in records:
         at = {(a["allocation"], a["compression"]): a for a in r["arms"] if a.get("compression")}
         assert set(at) == {(a, c) for a in ("tau", "uniform", "magnitude", "lamp") for c in (2, 3, 4)}
