@@ -193,10 +193,11 @@ def test_committed_r_star_runs_regenerate_their_table():
 
 
 def test_committed_allocation_evidence_regenerates_its_table():
-    """bench/results/evidence_allocations (jobs/evidence_allocations.yaml, one JSON per finished seed): its evidence.md
+    """bench/results/evidence_allocations (jobs/evidence_allocations.yaml, one JSON per seed, three seeds): its evidence.md
     and the allocation section quoted in BENCHMARKS.md are what the JSON renders to; every allocation ran at every
     compression, each at its target MACs within ±1% or with its gap recorded."""
     records = _committed("evidence_allocations", "## Allocations at fixed compression")
+    assert sorted(r["seed"] for r in records) == [0, 1, 2]  # the three seeds of the job, one run each
     for r in records:
         at = {(a["allocation"], a["compression"]): a for a in r["arms"] if a.get("compression")}
         assert set(at) == {(a, c) for a in ("tau", "uniform", "magnitude", "lamp") for c in (2, 3, 4)}
