@@ -48,6 +48,19 @@ def test_collect_and_render_a_real_run(full_run, tmp_path, capsys):
     assert (tmp_path / "ev" / "evidence.md").read_text() == text
 
 
+def _record(seed: int, arms: list, job: str | None = None, **fields) -> dict:
+    """A hand-built evidence record: the skeleton every one shares (model, data, the fine-tune recipe), with its own
+    ``arms`` and any top-level ``fields`` (tau, r_star, baseline, ...) over the defaults."""
+    record = {"evidence_version": 1, "job": job or f"seed-{seed}", "seed": seed, "model": {"arch": "m", "width": 1.0},
+              "dataset": {"name": "d", "train_size": 10, "test_size": 5},
+              "protocol": {"baseline_epochs": 1, "finetune_epochs": 1,
+                           "finetune_recipe": {"momentum": 0.9, "lr": 0.02, "schedule": "cosine", "weight_decay": 0.0,
+                                               "label_smoothing": 0.1, "batch_size": 8, "augment": True}},
+              "g_noise": 0.01, "tau": 0.1, "r_star": 0.3, "controller_steps": 3, "baseline": {"macs": 1e6},
+              "arms": arms, "probes": [], "spearman_delta_g_top1_drop": None, "groups": []}
+    return {**record, **fields}
+
+
 def test_render_statistics_over_seeds():
     """Mean ± sample std, paired differences and τ's coefficient of variation, checked by hand."""
     def record(seed, tau, adaptive, uniform, rho):
@@ -55,14 +68,8 @@ def test_render_statistics_over_seeds():
                  "top1_before_finetune": adaptive[0], "top1": adaptive[1], "delta_g": 0.1, "delta_g_after": 0.05},
                 {"arm": "uniform", "method": "Uniform L2", "r": 0.2, "macs_m": 1.0, "params_m": 0.1,
                  "top1_before_finetune": uniform[0], "top1": uniform[1], "delta_g": 0.2, "delta_g_after": 0.1}]
-        return {"evidence_version": 1, "job": f"seed-{seed}", "seed": seed,
-                "model": {"arch": "m", "width": 1.0}, "dataset": {"name": "d", "train_size": 10, "test_size": 5},
-                "protocol": {"baseline_epochs": 1, "finetune_epochs": 1,
-                             "finetune_recipe": {"momentum": 0.9, "lr": 0.02, "schedule": "cosine", "weight_decay": 0.0,
-                                                 "label_smoothing": 0.1, "batch_size": 8, "augment": True}},
-                "g_noise": 0.01, "tau": tau, "r_star": 0.3, "controller_steps": 3, "baseline": {"macs": 2e6},
-                "arms": arms, "probes": [], "spearman_delta_g_top1_drop": rho,
-                "groups": [{"group": "g", "channels": 8, "tau_l": tau, "ratio": 0.3}]}
+        return _record(seed, arms, tau=tau, baseline={"macs": 2e6}, spearman_delta_g_top1_drop=rho,
+                       groups=[{"group": "g", "channels": 8, "tau_l": tau, "ratio": 0.3}])
     text = render([record(0, 0.1, (80, 90), (70, 89), 0.9), record(1, 0.2, (82, 91), (72, 92), 0.7)])
     assert "| Adaptive GC | 0.300 ± 0.000 | 1.000 ± 0.000 | 0.500 ± 0.000 |" in text
     assert "81.00 ± 1.41 | 90.50 ± 0.71 |" in text
@@ -107,15 +114,7 @@ def test_render_allocations_over_seeds():
         # ΔG rises exactly as top-1 after fine-tune falls: Spearman 1 over all eight allocation models
         for i, (alloc, c) in enumerate((a, c) for c in (2, 4) for a in ("tau", "uniform", "magnitude", "lamp")):
             arms.append(arm(alloc, c, 80.0 - i, 90.6 - i * 0.5 - shift, 0.1 + 0.01 * i))
-        return {"evidence_version": 1, "job": f"seed-{seed}", "seed": seed, "model": {"arch": "m", "width": 1.0},
-                "dataset": {"name": "d", "train_size": 10, "test_size": 5},
-                "protocol": {"baseline_epochs": 1, "finetune_epochs": 1,
-                             "finetune_recipe": {"momentum": 0.9, "lr": 0.02, "schedule": "cosine",
-                                                 "weight_decay": 0.0, "label_smoothing": 0.1, "batch_size": 8,
-                                                 "augment": True}},
-                "g_noise": 0.01, "tau": 0.1, "r_star": 0.25 + shift / 10, "controller_steps": 3,
-                "baseline": {"macs": 1e6, "top1": 90.0}, "arms": arms, "probes": [],
-                "spearman_delta_g_top1_drop": None, "groups": []}
+        return _record(seed, arms, r_star=0.25 + shift / 10, baseline={"macs": 1e6, "top1": 90.0})
 
     records = [record(0, 0.0), record(1, 0.2)]
     text = render(records)
@@ -141,18 +140,10 @@ def test_render_allocations_over_seeds():
 def test_render_r_star_over_baselines_of_one_seed():
     """Runs of one method seed on three baselines: r*'s range against one controller step, said in words."""
     def record(job, seed, baseline_seed, r_star, tau):
-        return {"evidence_version": 1, "job": job, "seed": seed, "baseline_seed": baseline_seed,
-                "controller_delta": 0.05, "model": {"arch": "m", "width": 1.0},
-                "dataset": {"name": "d", "train_size": 10, "test_size": 5},
-                "protocol": {"baseline_epochs": 1, "finetune_epochs": 1,
-                             "finetune_recipe": {"momentum": 0.9, "lr": 0.02, "schedule": "cosine",
-                                                 "weight_decay": 0.0, "label_smoothing": 0.1, "batch_size": 8,
-                                                 "augment": True}},
-                "g_noise": 0.01, "tau": tau, "r_star": r_star, "controller_steps": 3,
-                "baseline": {"macs": 1e6, "top1": 88.0},
-                "arms": [{"arm": "adaptive", "method": "Adaptive GC", "r": r_star, "macs_m": 0.5, "params_m": 0.1,
-                          "top1_before_finetune": 80.0, "top1": 87.0, "delta_g": 0.1, "delta_g_after": 0.05}],
-                "probes": [], "spearman_delta_g_top1_drop": None, "groups": []}
+        arms = [{"arm": "adaptive", "method": "Adaptive GC", "r": r_star, "macs_m": 0.5, "params_m": 0.1,
+                 "top1_before_finetune": 80.0, "top1": 87.0, "delta_g": 0.1, "delta_g_after": 0.05}]
+        return _record(seed, arms, job=job, baseline_seed=baseline_seed, controller_delta=0.05, tau=tau,
+                       r_star=r_star, baseline={"macs": 1e6, "top1": 88.0})
 
     records = [record("seed-0", 0, 0, 0.10, 0.15), record("seed-0-baseline-1", 0, 1, 0.20, 0.17),
                record("seed-0-baseline-2", 0, 2, 0.15, 0.16), record("seed-1", 1, 1, 0.12, 0.15)]
