@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..core.arms import ALLOCATIONS
+from .cells import measured_cells, pm
 
 PERMUTATIONS = 9999  # resamples of the permutation test (seeded: the table re-renders identically)
 WITHIN = (0.5, 1.0)  # the r* check's tolerances, in top-1 points below the fine-tuned baseline
@@ -87,18 +88,6 @@ def r_star_check(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _pm(values: Sequence[Optional[float]], digits: int = 2) -> str:
-    from .evidence import _pm as pm  # evidence imports this module
-
-    return pm(values, digits)
-
-
-def measured_cells(arms: Sequence[dict[str, Any]]) -> str:
-    from .evidence import measured_cells as cells
-
-    return cells(arms)
-
-
 def _signs(values: Sequence[float]) -> str:
     return ", ".join(f"{d:+.2f}" for d in values)
 
@@ -120,9 +109,9 @@ def render(records: Sequence[dict[str, Any]]) -> list[str]:
                     if a["allocation"] == name and a["compression"] == c]
             if rows:
                 gaps = [100 * a.get("macs_gap", float("nan")) for _, a in rows]
-                lines.append(f"| {c:g}× | {alloc.label} | {_pm([_reduction(r, a) for r, a in rows])}× | "
-                             f"{_pm(gaps)}% | {measured_cells([a for _, a in rows])} "
-                             f"{_pm([a['delta_g_after'] for _, a in rows], 4)} |")
+                lines.append(f"| {c:g}× | {alloc.label} | {pm([_reduction(r, a) for r, a in rows])}× | "
+                             f"{pm(gaps)}% | {measured_cells([a for _, a in rows])} "
+                             f"{pm([a['delta_g_after'] for _, a in rows], 4)} |")
     lines += ["", "Paired against τ_L weights at the same compression (percentage points, the allocation minus τ_L "
               "weights; negative: τ_L weights ahead), per seed:", "",
               "| compression | allocation | before fine-tune | after fine-tune | τ_L weights ahead after |",
@@ -140,7 +129,7 @@ def render(records: Sequence[dict[str, Any]]) -> list[str]:
                 continue
             before = [a["top1_before_finetune"] - t["top1_before_finetune"] for a, t in pairs]
             after = [a["top1"] - t["top1"] for a, t in pairs]
-            lines.append(f"| {c:g}× | {alloc.label} | {_pm(before)} ({_signs(before)}) | {_pm(after)} "
+            lines.append(f"| {c:g}× | {alloc.label} | {pm(before)} ({_signs(before)}) | {pm(after)} "
                          f"({_signs(after)}) | {sum(d < 0 for d in after)} of {len(after)} |")
     lines += ["", "ΔG as a ranking of allocations: Spearman(ΔG before fine-tune, top-1 drop after fine-tune), with a "
               f"one-sided permutation p-value ({PERMUTATIONS} permutations). Over all allocations and compressions "
@@ -160,7 +149,7 @@ def render(records: Sequence[dict[str, Any]]) -> list[str]:
             cells.append("n/a" if rho is None else f"{rho:.2f}")
         lines.append(f"| {r['seed']} | {_fmt(every['rho'])} ({every['n']}) | {_fmt(every['p'], 4)} | "
                      + " | ".join(cells) + " |")
-    lines.append(f"| mean | {_pm(overall)} | | " + " | ".join(_pm(per_level[c]) for c in levels) + " |")
+    lines.append(f"| mean | {pm(overall)} | | " + " | ".join(pm(per_level[c]) for c in levels) + " |")
     checks = [r_star_check(r) for r in records]
     lines += ["", "The r* check: the compression the controller's r* gave (Adaptive GC) beside the largest measured "
               "compression of the method's allocation (its arms above and Adaptive GC) whose fine-tuned top-1 stays "
@@ -170,8 +159,8 @@ def render(records: Sequence[dict[str, Any]]) -> list[str]:
     for r, c in zip(records, checks):
         lines.append(f"| {r['seed']} | {c['r_star']:.3f} | {c['reduction']:.2f}× | {c['top1']:.2f} | "
                      f"{c['reference_top1']:.2f} | {_times(c['within_0.5'])} | {_times(c['within_1'])} |")
-    lines += ["", f"r* over seeds: {_pm([c['r_star'] for c in checks], 3)} (MACs reduction "
-              f"{_pm([c['reduction'] for c in checks])}×)."]
+    lines += ["", f"r* over seeds: {pm([c['r_star'] for c in checks], 3)} (MACs reduction "
+              f"{pm([c['reduction'] for c in checks])}×)."]
     return lines
 
 
@@ -201,21 +190,21 @@ def render_r_star_stability(records: Sequence[dict[str, Any]]) -> list[str]:
             stars = [r["r_star"] for r in group]
             spreads.append(max(stars) - min(stars))
             lines.append("")
-            lines.append(f"Seed {seed}, {len(group)} baselines: r* {_pm(stars, 3)}, range {max(stars) - min(stars):.3f} "
+            lines.append(f"Seed {seed}, {len(group)} baselines: r* {pm(stars, 3)}, range {max(stars) - min(stars):.3f} "
                          f"({'more' if max(stars) - min(stars) > step else 'no more'} than one controller step, "
-                         f"δ = {step:g}); τ {_pm([r['tau'] for r in group], 4)}.")
+                         f"δ = {step:g}); τ {pm([r['tau'] for r in group], 4)}.")
     by_baseline: dict[int, list[dict[str, Any]]] = {}
     for r in records:
         by_baseline.setdefault(r.get("baseline_seed", r["seed"]), []).append(r)
     for baseline, group in sorted(by_baseline.items()):
         if len({r["seed"] for r in group}) > 1:  # one baseline, several method seeds (calibration sample, probes)
             stars = [r["r_star"] for r in group]
-            lines.append(f"Baseline seed {baseline}, {len(group)} method seeds: r* {_pm(stars, 3)}, range "
+            lines.append(f"Baseline seed {baseline}, {len(group)} method seeds: r* {pm(stars, 3)}, range "
                          f"{max(stars) - min(stars):.3f}.")
     firsts = [next((r for r in group if r.get("baseline_seed", seed) == seed), group[0])["r_star"]
               for seed, group in sorted(by_seed.items())]  # each seed on its own baseline
     if len(firsts) > 1:
-        lines.append(f"Over seeds (one baseline each): r* {_pm(firsts, 3)}, range {max(firsts) - min(firsts):.3f}.")
+        lines.append(f"Over seeds (one baseline each): r* {pm(firsts, 3)}, range {max(firsts) - min(firsts):.3f}.")
     if spreads:
         lines.append(f"Baseline noise alone moves r* by up to {max(spreads):.3f}, "
                      f"{'more than' if max(spreads) > step else 'within'} one controller step.")

@@ -13,13 +13,12 @@ the table, which is how the committed results are checked (tests/test_evidence.p
 from __future__ import annotations
 
 import json
-import math
-import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..core.arms import arm_names
 from . import allocations
+from .cells import measured_cells, pm, stats
 from ..core.rundir import RunDir
 from ..errors import GeopruneError
 
@@ -99,32 +98,12 @@ def load_records(location: str | Path) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (r["seed"], r["job"]))
 
 
-def _stats(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
-    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    if not vals:
-        return None, None
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
-
-
-def _pm(values: Sequence[Optional[float]], digits: int = 2) -> str:
-    mean, std = _stats(values)
-    if mean is None:
-        return "n/a"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
-
-
 def _epochs(n: int) -> str:
     return f"{n} epoch" + ("" if n == 1 else "s")
 
 
 def _arm(record: dict[str, Any], name: str) -> Optional[dict[str, Any]]:
     return next((a for a in record["arms"] if a["arm"] == name), None)
-
-
-def measured_cells(arms: Sequence[dict[str, Any]]) -> str:
-    """The last cells of an arm's row over seeds: ΔG before fine-tune, top-1 before and after fine-tune."""
-    return (f"{_pm([a['delta_g'] for a in arms], 4)} | {_pm([a['top1_before_finetune'] for a in arms])} | "
-            f"{_pm([a['top1'] for a in arms])} |")
 
 
 def render(records: Sequence[dict[str, Any]]) -> str:
@@ -156,17 +135,17 @@ def render(records: Sequence[dict[str, Any]]) -> str:
         if not rows:
             continue
         arms = [a for a, _ in rows]
-        lines.append(f"| {arms[0]['method']} | {_pm([a['r'] for a in arms], 3)} | {_pm([a['macs_m'] for a in arms], 3)} | "
-                     f"{_pm([a['macs_m'] * 1e6 / r['baseline']['macs'] for a, r in rows], 3)} | "
-                     f"{_pm([a['params_m'] for a in arms], 4)} | {measured_cells(arms)}")
+        lines.append(f"| {arms[0]['method']} | {pm([a['r'] for a in arms], 3)} | {pm([a['macs_m'] for a in arms], 3)} | "
+                     f"{pm([a['macs_m'] * 1e6 / r['baseline']['macs'] for a, r in rows], 3)} | "
+                     f"{pm([a['params_m'] for a in arms], 4)} | {measured_cells(arms)}")
     paired = [(a, u) for a, u in ((_arm(r, "adaptive"), _arm(r, "uniform")) for r in records) if a and u]
     if paired:
         before = [a["top1_before_finetune"] - u["top1_before_finetune"] for a, u in paired]
         after = [a["top1"] - u["top1"] for a, u in paired]
         wins = sum(d > 0 for d in after)
         lines += ["", "Adaptive GC − Uniform L2 at the same MACs, paired by seed (percentage points): before fine-tune "
-                  f"{_pm(before)} (per seed {', '.join(f'{d:+.2f}' for d in before)}); after fine-tune "
-                  f"{_pm(after)} (per seed {', '.join(f'{d:+.2f}' for d in after)}); Adaptive GC ahead after "
+                  f"{pm(before)} (per seed {', '.join(f'{d:+.2f}' for d in before)}); after fine-tune "
+                  f"{pm(after)} (per seed {', '.join(f'{d:+.2f}' for d in after)}); Adaptive GC ahead after "
                   f"fine-tuning in {wins} of {len(after)} seeds."]
     lines += ["", "| seed | G_noise | τ | r* | controller steps | Spearman(ΔG, top-1 drop) over probes | probes |",
               "|---|---|---|---|---|---|---|"]
@@ -174,17 +153,17 @@ def render(records: Sequence[dict[str, Any]]) -> str:
         rho = r.get("spearman_delta_g_top1_drop")
         lines.append(f"| {r['seed']} | {r['g_noise']:.4f} | {r['tau']:.4f} | {r['r_star']:.4f} | {r['controller_steps']} | "
                      f"{'n/a' if rho is None else f'{rho:.3f}'} | {len(r['probes'])} |")
-    tau_mean, tau_std = _stats([r["tau"] for r in records])
+    tau_mean, tau_std = stats([r["tau"] for r in records])
     cv = "n/a (one seed)" if tau_std is None else f"{tau_std / tau_mean:.3f}"
-    lines += ["", f"τ over seeds: {_pm([r['tau'] for r in records], 4)}, coefficient of variation {cv}. "
-              f"Spearman(ΔG, top-1 drop): {_pm([r.get('spearman_delta_g_top1_drop') for r in records], 3)}."]
+    lines += ["", f"τ over seeds: {pm([r['tau'] for r in records], 4)}, coefficient of variation {cv}. "
+              f"Spearman(ΔG, top-1 drop): {pm([r.get('spearman_delta_g_top1_drop') for r in records], 3)}."]
     names = [g["group"] for g in first["groups"]]
     lines += ["", "Per-group pruning ratios Adaptive GC chose (mean ± std over seeds):", "",
               "| group | channels | τ_L | ratio |", "|---|---|---|---|"]
     for name in names:
         rows = [g for r in records for g in r["groups"] if g["group"] == name]
-        lines.append(f"| {name} | {rows[0]['channels']} | {_pm([g['tau_l'] for g in rows], 4)} | "
-                     f"{_pm([g['ratio'] for g in rows], 3)} |")
+        lines.append(f"| {name} | {rows[0]['channels']} | {pm([g['tau_l'] for g in rows], 4)} | "
+                     f"{pm([g['ratio'] for g in rows], 3)} |")
     lines += allocations.render(records)
     lines += allocations.render_r_star_stability(records)
     return "\n".join(lines) + "\n"
