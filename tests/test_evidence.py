@@ -110,7 +110,9 @@ def test_render_allocations_over_seeds():
         arms = [{"arm": "baseline", "method": "Baseline", "r": 0.0, "macs_m": 1.0, "params_m": 0.2,
                  "top1_before_finetune": 90.0, "top1": 91.0, "delta_g": 0.0, "delta_g_after": 0.0},
                 {"arm": "adaptive", "method": "Adaptive GC", "r": 0.25, "macs_m": 0.625, "params_m": 0.1,
-                 "top1_before_finetune": 85.0, "top1": 90.8 - shift, "delta_g": 0.1, "delta_g_after": 0.0}]
+                 "top1_before_finetune": 85.0, "top1": 90.8 - shift, "delta_g": 0.1, "delta_g_after": 0.0},
+                {"arm": "uniform", "method": "Uniform L2", "r": 0.3, "macs_m": 0.55, "params_m": 0.1,
+                 "top1_before_finetune": 84.0, "top1": 90.9 - shift, "delta_g": 0.1, "delta_g_after": 0.0}]
         # ΔG rises exactly as top-1 after fine-tune falls: Spearman 1 over all eight allocation models
         for i, (alloc, c) in enumerate((a, c) for c in (2, 4) for a in ("tau", "uniform", "magnitude", "lamp")):
             arms.append(arm(alloc, c, 80.0 - i, 90.6 - i * 0.5 - shift, 0.1 + 0.01 * i))
@@ -133,7 +135,10 @@ def test_render_allocations_over_seeds():
     assert check["reduction"] == pytest.approx(1.6) and check["reference_top1"] == 91.0
     assert check["within_0.5"] == pytest.approx(2.0) and check["within_1"] == pytest.approx(2.0)
     assert allocations.r_star_check(records[1])["within_0.5"] == pytest.approx(1.6)  # 2×: 90.4 < 90.5
-    assert "| 1 | 0.270 | 1.60× | 90.60 | 91.00 | 1.60× | 2.00× |" in text
+    # any arm: seed 0's τ_L weights at 2× (90.6) is the largest within both; in seed 1 Uniform L2 (1.82×, 90.7)
+    # passes where the method's allocation stops at r*'s 1.6×
+    assert "| 0 | 0.250 | 1.60× | 90.80 | 91.00 | 2.00× | 2.00× | 2.00× (tau at 2×) | 2.00× (tau at 2×) |" in text
+    assert "| 1 | 0.270 | 1.60× | 90.60 | 91.00 | 1.60× | 2.00× | 1.82× (Uniform L2) | 2.00× (tau at 2×) |" in text
     assert "r* over seeds: 0.260 ± 0.014" in text
 
 
