@@ -161,7 +161,8 @@ def render(records: Sequence[dict[str, Any]]) -> list[str]:
               "free to pick the allocation would stop; the arm named). The measured compressions are r*'s, those "
               "above and GC's and Uniform L2's.", "",
               "| seed | r* | its MACs reduction | its top-1 after (%) | fine-tuned baseline (%) | method's largest within "
-              "0.5 | method's largest within 1.0 | any arm's largest within 0.5 | any arm's largest within 1.0 |", "|---|---|---|---|---|---|---|---|---|"]
+              "0.5 | method's largest within 1.0 | any arm's largest within 0.5 | any arm's largest within 1.0 |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r, c in zip(records, checks):
         anyone = [_times(c[f"any_within_{t:g}"]) + (f" ({c[f'any_within_{t:g}_arm']})" if c[f"any_within_{t:g}_arm"]
                                                      else "") for t in WITHIN]
