@@ -79,16 +79,15 @@ def r_star_check(record: dict[str, Any]) -> dict[str, Any]:
     user free to pick any allocation would stop), with ``any_within_T_arm`` naming it."""
     ref = _reference_top1(record)
     adaptive = next(a for a in record["arms"] if a["arm"] == "adaptive")
-    pruned = [a for a in record["arms"] if a["arm"] != "baseline"]
+    pruned = [(_reduction(record, a), a) for a in record["arms"] if a["arm"] != "baseline"]
     out = {"r_star": record["r_star"], "reduction": _reduction(record, adaptive), "top1": adaptive["top1"],
            "reference_top1": ref}
     for tol in WITHIN:
-        ok = [a for a in pruned if a["top1"] >= ref - tol]
-        own = [_reduction(record, a) for a in ok if a is adaptive or a.get("allocation") == "tau"]
+        ok = [(c, a) for c, a in pruned if a["top1"] >= ref - tol]
+        own = [c for c, a in ok if a is adaptive or a.get("allocation") == "tau"]
         out[f"within_{tol:g}"] = max(own) if own else None
-        best = max(ok, key=lambda a: _reduction(record, a), default=None)
-        out[f"any_within_{tol:g}"] = None if best is None else _reduction(record, best)
-        out[f"any_within_{tol:g}_arm"] = None if best is None else best["method"]
+        best = max(ok, key=lambda ca: ca[0], default=(None, {"method": None}))
+        out[f"any_within_{tol:g}"], out[f"any_within_{tol:g}_arm"] = best[0], best[1]["method"]
     return out
 
 
@@ -253,7 +252,7 @@ def plot(records: Sequence[dict[str, Any]], path: str | Path) -> Optional[Path]:
                 errs.append(statistics.stdev(top1) if len(top1) > 1 else 0.0)
         if xs:
             ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, color=alloc.color, label=alloc.label)
-    stars = [(r_star_check(r)["reduction"], r_star_check(r)["top1"]) for r in records]
+    stars = [(c["reduction"], c["top1"]) for c in map(r_star_check, records)]
     ax.scatter([s[0] for s in stars], [s[1] for s in stars], marker="*", s=160, color="black", zorder=5,
                label="Adaptive GC at r* (each seed)")
     refs = [_reference_top1(r) for r in records]
